@@ -1,0 +1,2 @@
+//! Relay demo (placeholder).
+fn main() {}

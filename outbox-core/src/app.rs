@@ -1,0 +1,368 @@
+//! The app: finds the handlers, validates everything at once, runs until told to stop.
+
+use crate::claim::Claimer;
+use crate::handler::Extensions;
+use crate::runtime::SubRuntime;
+use crate::subscriber::Queues;
+use crate::{ConfigErrors, Error, Sink, Subscriber, TableName, Tables};
+use sqlx::PgPool;
+use std::any::TypeId;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+/// The outbox runtime: subscribers, brokers, state.
+///
+/// `App::new` finds every handler annotated with `#[outbox::subscriber]` in the
+/// binary; handlers in a library crate are found as long as the binary links
+/// that crate (write `use my_handlers as _;` if it names nothing from it).
+///
+/// ```no_run
+/// # async fn f(pool: sqlx::PgPool) -> Result<(), outbox::Error> {
+/// outbox::App::new(pool).run_until_signal().await?;
+/// # Ok(()) }
+/// ```
+pub struct App {
+    pool: PgPool,
+    tables: Tables,
+    subscribers: Vec<Subscriber>,
+    explicit: Vec<TypeId>,
+    discover: bool,
+    sinks: HashMap<String, Arc<dyn Sink>>,
+    state: Extensions,
+    shutdown_timeout: Duration,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App")
+            .field("tables", &self.tables)
+            .field("subscribers", &self.subscribers)
+            .field("discover", &self.discover)
+            .field("sinks", &self.sinks.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// An app that runs every `#[outbox::subscriber]` handler linked into the binary.
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            discover: true,
+            ..Self::manual(pool)
+        }
+    }
+
+    /// An app that runs only the subscribers given with [`App::subscriber`] and
+    /// [`App::register`].
+    pub fn manual(pool: PgPool) -> Self {
+        Self {
+            pool,
+            tables: Tables::default(),
+            subscribers: Vec::new(),
+            explicit: Vec::new(),
+            discover: false,
+            sinks: HashMap::new(),
+            state: Extensions::default(),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// Uses other table names (default: `outbox` and `outbox_dlq`).
+    pub fn tables(mut self, tables: Tables) -> Self {
+        self.tables = tables;
+        self
+    }
+
+    /// Adds a handler annotated with `#[outbox::subscriber]`, by its function name.
+    ///
+    /// ```no_run
+    /// #[outbox::subscriber("orders")]
+    /// async fn handle(order_id: i64) {}
+    /// # async fn f(pool: sqlx::PgPool) {
+    /// let app = outbox::App::manual(pool).subscriber(handle);
+    /// # }
+    /// ```
+    pub fn subscriber<F: 'static>(mut self, _handler: F) -> Self {
+        self.explicit.push(TypeId::of::<F>());
+        self
+    }
+
+    /// Adds a subscriber built with the plain API.
+    pub fn register(mut self, sub: Subscriber) -> Self {
+        self.subscribers.push(sub);
+        self
+    }
+
+    /// Adds a broker; publishers name it (`"kafka"`).
+    pub fn broker(mut self, sink: impl Sink) -> Self {
+        self.sinks.insert(sink.name().to_owned(), Arc::new(sink));
+        self
+    }
+
+    /// Adds a broker shared with other code.
+    pub fn broker_arc(mut self, sink: Arc<dyn Sink>) -> Self {
+        self.sinks.insert(sink.name().to_owned(), sink);
+        self
+    }
+
+    /// Adds state handlers can take as `outbox::State<T>`.
+    pub fn state<T: Clone + Send + Sync + 'static>(mut self, value: T) -> Self {
+        self.state.insert(value);
+        self
+    }
+
+    /// How long in-flight handlers may run after shutdown starts (default 30 s).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// The subscribers this app would run, after discovery.
+    pub fn subscribers(&self) -> Vec<Subscriber> {
+        let mut subs = self.subscribers.clone();
+        let mut seen = HashSet::new();
+        for reg in inventory::iter::<crate::__private::Registration> {
+            let tid = (reg.type_id)();
+            if (self.discover || self.explicit.contains(&tid)) && seen.insert(tid) {
+                subs.push((reg.build)());
+            }
+        }
+        subs
+    }
+
+    /// Creates the outbox table and every dead-letter table the subscribers use.
+    pub async fn migrate(&self) -> Result<(), Error> {
+        crate::migrate(&self.pool, &self.tables).await?;
+        for sub in self.subscribers() {
+            if let Some(d) = &sub.dlq {
+                crate::schema::migrate_dlq(&self.pool, &TableName::new(d)?).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the whole set of subscribers; every problem is reported together.
+    pub fn validate(&self) -> Result<(), Error> {
+        self.check(&self.subscribers()).map_err(Error::Config)
+    }
+
+    fn check(&self, subs: &[Subscriber]) -> Result<(), ConfigErrors> {
+        let mut e = ConfigErrors::new();
+        if subs.is_empty() {
+            e.push(
+                "no subscribers: annotate a handler with #[outbox::subscriber], or register one; \
+                 handlers in a library crate need the binary to link it (`use my_handlers as _;`)",
+            );
+        }
+        let mut owners: HashMap<&str, String> = HashMap::new();
+        let mut all = None;
+        for s in subs {
+            if let Err(errs) = s.validate() {
+                e.extend_with(&s.label(), errs);
+            }
+            match &s.queues {
+                Queues::All => {
+                    if let Some(prev) = all.replace(s.label()) {
+                        e.push(format!("{} and {prev} both claim every queue", s.label()));
+                    }
+                }
+                Queues::Named(qs) => {
+                    for q in qs {
+                        if let Some(prev) = owners.insert(q.as_str(), s.label()) {
+                            e.push(format!(
+                                "queue {q:?} has two handlers: {prev} and {}; give each queue one handler",
+                                s.label()
+                            ));
+                        }
+                    }
+                }
+            }
+            if s.ordered && s.queues == Queues::All {
+                e.push(format!(
+                    "{}: ordered is not supported with all queues",
+                    s.label()
+                ));
+            }
+            for p in &s.publishers {
+                if !self.sinks.contains_key(&p.sink) {
+                    e.push(format!(
+                        "{} publishes to {} topic {:?} but no {} broker is configured; add one with App::broker (for Kafka: outbox_kafka::Broker::from_env()?)",
+                        s.label(),
+                        p.sink,
+                        p.topic,
+                        p.sink
+                    ));
+                }
+            }
+        }
+        if let (Some(all), false) = (&all, owners.is_empty()) {
+            e.push(format!(
+                "{all} claims every queue, so no other subscriber may name queues"
+            ));
+        }
+        e.into_result()
+    }
+
+    /// Validates, starts every worker, and returns a handle to stop them.
+    pub async fn start(self) -> Result<Running, Error> {
+        let subs = self.subscribers();
+        self.check(&subs)?;
+        self.check_tables(&subs).await?;
+        for s in &subs {
+            let queues = match &s.queues {
+                Queues::All => "every queue".to_owned(),
+                Queues::Named(q) => q.join(", "),
+            };
+            let pubs: Vec<String> = s
+                .publishers
+                .iter()
+                .map(|p| format!("{}:{}", p.sink, p.topic))
+                .collect();
+            tracing::info!(
+                subscriber = %s.name,
+                queues = %queues,
+                publishers = %pubs.join(", "),
+                batch_size = s.batch_size,
+                concurrency = s.concurrency,
+                workers = s.workers,
+                ordered = s.ordered,
+                dlq = s.dlq.as_deref().unwrap_or("(none: parked)"),
+                "registered subscriber"
+            );
+        }
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (waker, listener) =
+            crate::listen::spawn(self.pool.clone(), self.tables.channel(), stop_rx.clone());
+        let state = Arc::new(self.state);
+        let sinks = Arc::new(self.sinks);
+        let mut tasks = JoinSet::new();
+        for s in subs {
+            let dlq = s.dlq.as_deref().map(TableName::new).transpose()?;
+            let queues = match &s.queues {
+                Queues::All => None,
+                Queues::Named(q) => Some(q.clone()),
+            };
+            let claimer = Claimer::build(self.pool.clone(), &self.tables, queues, s.ordered, dlq)
+                .with_batch_size(s.batch_size)
+                .with_lease_ttl(s.lease_ttl);
+            let rt = Arc::new(SubRuntime {
+                claimer,
+                pool: self.pool.clone(),
+                state: state.clone(),
+                sinks: sinks.clone(),
+                waker: waker.clone(),
+                mark_idle_sql: crate::sql::mark_idle(&self.tables),
+                mark_busy_sql: crate::sql::mark_busy(&self.tables),
+                shutdown_timeout: self.shutdown_timeout,
+                sub: s,
+            });
+            for w in 0..rt.sub.workers {
+                tasks.spawn(rt.clone().run_worker(w, stop_rx.clone()));
+            }
+        }
+        Ok(Running {
+            stop: stop_tx,
+            tasks,
+            listener,
+            sinks,
+            shutdown_timeout: self.shutdown_timeout,
+        })
+    }
+
+    async fn check_tables(&self, subs: &[Subscriber]) -> Result<(), Error> {
+        let mut tables = vec![self.tables.outbox.clone()];
+        for s in subs {
+            if let Some(d) = &s.dlq {
+                tables.push(TableName::new(d)?);
+            }
+        }
+        for t in tables {
+            let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+                .bind(t.quoted())
+                .fetch_one(&self.pool)
+                .await?;
+            if !exists {
+                return Err(Error::invalid(format!(
+                    "table {t} does not exist: run the migrations first (App::migrate, outbox::migrate, or `outbox migrate`)"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs until `shutdown` completes, then stops gracefully.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let running = self.start().await?;
+        shutdown.await;
+        running.shutdown().await;
+        Ok(())
+    }
+
+    /// Runs until SIGINT or SIGTERM, then stops gracefully.
+    pub async fn run_until_signal(self) -> Result<(), Error> {
+        self.run(shutdown_signal()).await
+    }
+}
+
+/// Completes on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received; shutting down"),
+        _ = term => tracing::info!("SIGTERM received; shutting down"),
+    }
+}
+
+/// A started app.
+pub struct Running {
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+    listener: tokio::task::JoinHandle<()>,
+    sinks: Arc<HashMap<String, Arc<dyn Sink>>>,
+    shutdown_timeout: Duration,
+}
+
+impl std::fmt::Debug for Running {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Running").finish_non_exhaustive()
+    }
+}
+
+impl Running {
+    /// Stops claiming, lets in-flight handlers finish within the shutdown
+    /// timeout, releases what did not finish, and flushes the brokers.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+        let _ = (&mut self.listener).await;
+        for sink in self.sinks.values() {
+            sink.flush(self.shutdown_timeout).await;
+        }
+        tracing::info!("outbox stopped");
+    }
+
+    /// Stops at once without settling anything, as a crash would: the rows in
+    /// flight come back when their lease expires. For tests.
+    pub fn abort(mut self) {
+        self.tasks.abort_all();
+        self.listener.abort();
+        let _ = self.stop.send(true);
+    }
+}

@@ -1,0 +1,215 @@
+//! Claiming rows under a lease, and settling them: ack, nack, dead-letter, park, release.
+//!
+//! Every settling statement checks the lease token, so a worker whose lease
+//! expired and was taken over changes nothing.
+//!
+//! ```no_run
+//! # async fn f(pool: sqlx::PgPool) -> Result<(), outbox::Error> {
+//! use outbox::claim::Claimer;
+//! let claimer = Claimer::new(pool, outbox::Tables::default(), vec!["orders".into()])?;
+//! let batch = claimer.claim().await?;
+//! let ids: Vec<i64> = batch.rows.iter().map(|r| r.id).collect();
+//! claimer.ack(batch.token, &ids).await?;
+//! # Ok(()) }
+//! ```
+
+use crate::sql::{self, ClaimScope};
+use crate::{Envelope, Error, FailureReason, TableName, Tables};
+use sqlx::PgPool;
+use std::time::Duration;
+use uuid::Uuid;
+
+/// A claimed batch: the lease token and the rows.
+#[derive(Debug)]
+pub struct Batch {
+    /// The lease token; every settling call must present it.
+    pub token: Uuid,
+    /// The rows, oldest first.
+    pub rows: Vec<Envelope>,
+}
+
+/// A row that failed for good.
+#[derive(Debug, Clone)]
+pub struct Terminal {
+    /// Row id.
+    pub id: i64,
+    /// Why.
+    pub reason: FailureReason,
+    /// The last error message.
+    pub error: String,
+}
+
+/// A row to retry later.
+#[derive(Debug, Clone)]
+pub struct Retry {
+    /// Row id.
+    pub id: i64,
+    /// Delay from now (database clock).
+    pub delay: Duration,
+    /// The error message, stored in `last_error`.
+    pub error: String,
+}
+
+/// Claims and settles rows of one outbox table.
+#[derive(Debug, Clone)]
+pub struct Claimer {
+    pool: PgPool,
+    queues: Option<Vec<String>>,
+    batch_size: i64,
+    lease_ttl_us: i64,
+    claim_sql: String,
+    ack_sql: String,
+    nack_sql: String,
+    release_sql: String,
+    park_sql: String,
+    dead_letter_sql: Option<String>,
+}
+
+impl Claimer {
+    /// A claimer of the given queues with 100 rows per claim, a 30 s lease, and
+    /// the tables' dead-letter table.
+    pub fn new(pool: PgPool, tables: Tables, queues: Vec<String>) -> Result<Self, Error> {
+        for q in &queues {
+            crate::validate_queue(q)?;
+        }
+        Ok(Self::build(
+            pool,
+            &tables,
+            Some(queues),
+            false,
+            tables.dlq.clone(),
+        ))
+    }
+
+    pub(crate) fn build(
+        pool: PgPool,
+        tables: &Tables,
+        queues: Option<Vec<String>>,
+        ordered: bool,
+        dlq: Option<TableName>,
+    ) -> Self {
+        let scope = match (&queues, ordered) {
+            (None, _) => ClaimScope::All,
+            (Some(_), false) => ClaimScope::Queues,
+            (Some(_), true) => ClaimScope::QueuesOrdered,
+        };
+        Self {
+            pool,
+            queues,
+            batch_size: crate::subscriber::DEFAULT_BATCH_SIZE as i64,
+            lease_ttl_us: crate::subscriber::DEFAULT_LEASE_TTL.as_micros() as i64,
+            claim_sql: sql::claim(tables, scope),
+            ack_sql: sql::ack(tables),
+            nack_sql: sql::nack(tables),
+            release_sql: sql::release(tables),
+            park_sql: sql::park(tables),
+            dead_letter_sql: dlq.map(|d| sql::dead_letter(tables, &d)),
+        }
+    }
+
+    /// Rows per claim.
+    pub fn with_batch_size(mut self, n: usize) -> Self {
+        self.batch_size = n as i64;
+        self
+    }
+
+    /// The lease time-to-live: a claim older than this may be taken over.
+    pub fn with_lease_ttl(mut self, ttl: Duration) -> Self {
+        self.lease_ttl_us = i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX);
+        self
+    }
+
+    /// Whether terminal failures go to a dead-letter table (else they are parked).
+    pub fn has_dlq(&self) -> bool {
+        self.dead_letter_sql.is_some()
+    }
+
+    /// Claims up to a batch of due rows with one statement.
+    pub async fn claim(&self) -> Result<Batch, Error> {
+        let token = Uuid::new_v4();
+        let mut q = sqlx::query(&self.claim_sql);
+        q = match &self.queues {
+            Some(queues) => q.bind(queues),
+            None => q.bind(Option::<Vec<String>>::None),
+        };
+        let rows = q
+            .bind(self.batch_size)
+            .bind(self.lease_ttl_us)
+            .bind(token)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut out = rows
+            .iter()
+            .map(Envelope::from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        out.sort_unstable_by_key(|e| e.id);
+        Ok(Batch { token, rows: out })
+    }
+
+    /// Deletes handled rows; returns how many were still held under `token`.
+    pub async fn ack(&self, token: Uuid, ids: &[i64]) -> Result<u64, Error> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let done = sqlx::query(&self.ack_sql)
+            .bind(ids)
+            .bind(token)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Reschedules failed rows; returns how many were still held under `token`.
+    pub async fn nack(&self, token: Uuid, rows: &[Retry]) -> Result<u64, Error> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        let delays: Vec<i64> = rows
+            .iter()
+            .map(|r| i64::try_from(r.delay.as_micros()).unwrap_or(i64::MAX))
+            .collect();
+        let errs: Vec<&str> = rows.iter().map(|r| r.error.as_str()).collect();
+        let done = sqlx::query(&self.nack_sql)
+            .bind(ids)
+            .bind(delays)
+            .bind(errs)
+            .bind(token)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Moves rows that failed for good to the dead-letter table in the statement
+    /// that deletes them, or parks them when there is none.
+    pub async fn fail(&self, token: Uuid, rows: &[Terminal]) -> Result<u64, Error> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        let reasons: Vec<&str> = rows.iter().map(|r| r.reason.as_str()).collect();
+        let errs: Vec<&str> = rows.iter().map(|r| r.error.as_str()).collect();
+        let sql = self.dead_letter_sql.as_deref().unwrap_or(&self.park_sql);
+        let done = sqlx::query(sql)
+            .bind(ids)
+            .bind(reasons)
+            .bind(errs)
+            .bind(token)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    /// Gives rows back at once without counting an attempt (shutdown).
+    pub async fn release(&self, token: Uuid, ids: &[i64]) -> Result<u64, Error> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let done = sqlx::query(&self.release_sql)
+            .bind(ids)
+            .bind(token)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
+    }
+}

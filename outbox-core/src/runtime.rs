@@ -1,0 +1,387 @@
+//! The subscriber runtime: claim -> handle -> publish -> settle, in batches.
+
+use crate::claim::{Claimer, Retry, Terminal};
+use crate::handler::{Decision, Extensions};
+use crate::listen::{sleep_or_stop, Waker};
+use crate::{
+    AckPolicy, Context, Envelope, Failure, FailureReason, HandlerError, HandlerErrorKind, Outgoing,
+    Sink, Subscriber,
+};
+use futures::{FutureExt, StreamExt};
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+/// Everything one subscriber's workers share.
+pub(crate) struct SubRuntime {
+    pub(crate) sub: Subscriber,
+    pub(crate) claimer: Claimer,
+    pub(crate) pool: sqlx::PgPool,
+    pub(crate) state: Arc<Extensions>,
+    pub(crate) sinks: Arc<HashMap<String, Arc<dyn Sink>>>,
+    pub(crate) waker: Waker,
+    pub(crate) mark_idle_sql: String,
+    pub(crate) mark_busy_sql: String,
+    pub(crate) shutdown_timeout: Duration,
+}
+
+/// What becomes of one row of a batch.
+enum Fate {
+    Ack,
+    Retry(HandlerError, Option<Duration>),
+    Fail(FailureReason, String),
+    Release,
+}
+
+impl SubRuntime {
+    pub(crate) async fn run_worker(
+        self: Arc<Self>,
+        worker: usize,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let listener_id = Uuid::new_v4();
+        let mut wake = self.waker.rx.clone();
+        let mut delay = self.sub.poll_min;
+        let mut idle_since: Option<Instant> = None;
+        let mut backoff = Duration::from_millis(100);
+        let idle_ttl = self.sub.poll_max * 2 + Duration::from_secs(5);
+        tracing::debug!(subscriber = %self.sub.name, worker, "worker started");
+        loop {
+            if *stop.borrow() {
+                break;
+            }
+            wake.borrow_and_update();
+            let batch = match self.claimer.claim().await {
+                Ok(b) => {
+                    backoff = Duration::from_millis(100);
+                    b
+                }
+                Err(e) => {
+                    tracing::warn!(subscriber = %self.sub.name, error = %e, retry_in = ?backoff, "claim failed");
+                    if sleep_or_stop(backoff, &mut stop).await {
+                        break;
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    continue;
+                }
+            };
+            if batch.rows.is_empty() {
+                let listening = self.waker.connected.load(Ordering::SeqCst);
+                let stale = idle_since.is_none_or(|t| t.elapsed() > idle_ttl / 2);
+                if listening && stale {
+                    // Publishers notify only while a mark is set; claim once more
+                    // after setting it so a row committed just before is not missed.
+                    if self.set_idle(listener_id, idle_ttl).await {
+                        let first = idle_since.is_none();
+                        idle_since = Some(Instant::now());
+                        if first {
+                            continue;
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = wake.changed() => { delay = self.sub.poll_min; }
+                    _ = tokio::time::sleep(delay) => { delay = (delay * 2).min(self.sub.poll_max); }
+                    _ = stop.changed() => {}
+                }
+                continue;
+            }
+            delay = self.sub.poll_min;
+            if idle_since.take().is_some() {
+                self.set_busy(listener_id).await;
+            }
+            let token = batch.token;
+            let ids: Vec<i64> = batch.rows.iter().map(|r| r.id).collect();
+            let work = self.process(token, batch.rows);
+            tokio::pin!(work);
+            let mut deadline_stop = stop.clone();
+            let timeout = self.shutdown_timeout;
+            let deadline = async move {
+                while !*deadline_stop.borrow() {
+                    if deadline_stop.changed().await.is_err() {
+                        break;
+                    }
+                }
+                tokio::time::sleep(timeout).await;
+            };
+            tokio::select! {
+                _ = &mut work => {}
+                _ = deadline => {
+                    tracing::warn!(subscriber = %self.sub.name, rows = ids.len(), "shutdown deadline passed; releasing unfinished rows");
+                    if let Err(e) = self.claimer.release(token, &ids).await {
+                        tracing::warn!(error = %e, "release failed; the rows come back when their lease expires");
+                    }
+                }
+            }
+        }
+        if idle_since.is_some() {
+            self.set_busy(listener_id).await;
+        }
+        tracing::debug!(subscriber = %self.sub.name, worker, "worker stopped");
+    }
+
+    async fn set_idle(&self, id: Uuid, ttl: Duration) -> bool {
+        sqlx::query(&self.mark_idle_sql)
+            .bind(id)
+            .bind(ttl.as_micros() as i64)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| tracing::debug!(error = %e, "could not mark idle"))
+            .is_ok()
+    }
+
+    async fn set_busy(&self, id: Uuid) {
+        let _ = sqlx::query(&self.mark_busy_sql)
+            .bind(id)
+            .execute(&self.pool)
+            .await;
+    }
+
+    fn context(&self) -> Context {
+        Context {
+            state: self.state.clone(),
+            pool: Some(self.pool.clone()),
+            decision: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Handles a batch and settles every row of it.
+    async fn process(&self, token: Uuid, rows: Vec<Envelope>) {
+        let rows: Vec<Arc<Envelope>> = rows.into_iter().map(Arc::new).collect();
+        let ttl = self.sub.lease_ttl;
+        let handler = &self.sub.handler;
+        let results: Vec<(usize, Result<crate::Output, HandlerError>, Option<Decision>, Duration)> =
+            futures::stream::iter(rows.iter().cloned().enumerate())
+                .map(|(i, env)| {
+                    let ctx = self.context();
+                    let span = tracing::info_span!("message", queue = %env.queue, id = env.id, attempt = env.attempt, key = env.key.as_deref().unwrap_or(""));
+                    let fut = handler.call(env, ctx.clone());
+                    async move {
+                        let started = Instant::now();
+                        let r = match tokio::time::timeout(ttl, AssertUnwindSafe(fut).catch_unwind()).await {
+                            Ok(Ok(r)) => r,
+                            Ok(Err(panic)) => Err(HandlerError::transient(format!(
+                                "handler panicked: {}",
+                                panic_message(&panic)
+                            ))),
+                            Err(_) => Err(HandlerError::transient(format!(
+                                "handler did not finish within the lease ({ttl:?})"
+                            ))),
+                        };
+                        (i, r, ctx.take_decision(), started.elapsed())
+                    }
+                    .instrument_with(span)
+                })
+                .buffer_unordered(self.sub.concurrency)
+                .collect()
+                .await;
+
+        let mut fates: Vec<Option<Fate>> = (0..rows.len()).map(|_| None).collect();
+        let mut outgoing: HashMap<String, Vec<(usize, Outgoing)>> = HashMap::new();
+        for (i, result, decision, took) in results {
+            let env = &rows[i];
+            let fate = match (self.sub.ack, decision, result) {
+                (AckPolicy::Manual, Some(Decision::Nack(delay, err)), _) => {
+                    Fate::Retry(HandlerError::transient(err), delay)
+                }
+                (AckPolicy::Manual, Some(Decision::Reject(reason)), _) => {
+                    Fate::Fail(FailureReason::Rejected, reason)
+                }
+                (AckPolicy::Manual, None, Ok(_)) => Fate::Release,
+                (_, _, Ok(output)) => {
+                    tracing::debug!(queue = %env.queue, id = env.id, "processed in {} ms", took.as_millis());
+                    for mut o in output.publishes {
+                        if o.key.is_none() {
+                            o.key = env.key.as_ref().map(|k| k.as_bytes().to_vec());
+                        }
+                        add_headers(&mut o, env);
+                        outgoing.entry(o.sink.clone()).or_default().push((i, o));
+                    }
+                    Fate::Ack
+                }
+                (policy, _, Err(e)) => match e.kind() {
+                    HandlerErrorKind::Permanent(reason) => {
+                        Fate::Fail(reason, e.message().to_owned())
+                    }
+                    HandlerErrorKind::Transient if policy == AckPolicy::RejectOnError => {
+                        Fate::Fail(FailureReason::Rejected, e.message().to_owned())
+                    }
+                    HandlerErrorKind::Transient => Fate::Retry(e, None),
+                },
+            };
+            fates[i] = Some(fate);
+        }
+
+        // Every message of the batch in flight at once, per sink.
+        let sends = outgoing.into_iter().map(|(name, msgs)| async move {
+            let (idx, batch): (Vec<usize>, Vec<Outgoing>) = msgs.into_iter().unzip();
+            let results = match self.sinks.get(&name) {
+                Some(sink) => sink.send(batch).await,
+                None => batch
+                    .iter()
+                    .map(|_| {
+                        Err(crate::SinkError::transient(format!(
+                            "no broker named {name:?} is configured"
+                        )))
+                    })
+                    .collect(),
+            };
+            idx.into_iter().zip(results).collect::<Vec<_>>()
+        });
+        for (i, result) in futures::future::join_all(sends).await.into_iter().flatten() {
+            if let Err(e) = result {
+                let downgrade = match &fates[i] {
+                    Some(Fate::Ack) | None => true,
+                    Some(Fate::Retry(..)) => e.permanent,
+                    _ => false,
+                };
+                if downgrade {
+                    fates[i] = Some(if e.permanent {
+                        Fate::Fail(FailureReason::PublishRejected, e.message)
+                    } else {
+                        Fate::Retry(
+                            HandlerError::transient(format!("publish failed: {}", e.message)),
+                            None,
+                        )
+                    });
+                }
+            }
+        }
+
+        let mut acks = Vec::new();
+        let mut retries = Vec::new();
+        let mut terminal = Vec::new();
+        let mut release = Vec::new();
+        for (i, fate) in fates.into_iter().enumerate() {
+            let env = &rows[i];
+            match fate.unwrap_or(Fate::Release) {
+                Fate::Ack => acks.push(env.id),
+                Fate::Release => release.push(env.id),
+                Fate::Fail(reason, error) => {
+                    tracing::error!(queue = %env.queue, id = env.id, attempt = env.attempt, "dead-lettered: {reason}: {error}");
+                    terminal.push(Terminal {
+                        id: env.id,
+                        reason,
+                        error,
+                    });
+                }
+                Fate::Retry(err, forced) => {
+                    let attempt = env.failures + 1;
+                    let next = forced.or_else(|| {
+                        self.sub
+                            .retry
+                            .next_delay(&Failure::new(attempt, env.elapsed, &err))
+                    });
+                    match next {
+                        Some(delay) => {
+                            tracing::warn!(queue = %env.queue, id = env.id, "retry {attempt} in {delay:?}: {}", err.message());
+                            retries.push(Retry {
+                                id: env.id,
+                                delay,
+                                error: err.message().to_owned(),
+                            });
+                        }
+                        None => {
+                            tracing::error!(queue = %env.queue, id = env.id, attempt, "dead-lettered: retries exhausted: {}", err.message());
+                            terminal.push(Terminal {
+                                id: env.id,
+                                reason: FailureReason::RetriesExhausted,
+                                error: err.message().to_owned(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        self.settle("ack", || self.claimer.ack(token, &acks), acks.len())
+            .await;
+        self.settle("nack", || self.claimer.nack(token, &retries), retries.len())
+            .await;
+        self.settle(
+            "dead-letter",
+            || self.claimer.fail(token, &terminal),
+            terminal.len(),
+        )
+        .await;
+        self.settle(
+            "release",
+            || self.claimer.release(token, &release),
+            release.len(),
+        )
+        .await;
+    }
+
+    /// Runs a settling statement, retrying briefly on database errors; if it
+    /// still fails, the rows come back when their lease expires.
+    async fn settle<F, Fut>(&self, what: &str, f: F, n: usize)
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<u64, crate::Error>>,
+    {
+        if n == 0 {
+            return;
+        }
+        let mut wait = Duration::from_millis(50);
+        for attempt in 1..=4 {
+            match f().await {
+                Ok(done) => {
+                    if (done as usize) < n {
+                        tracing::warn!(subscriber = %self.sub.name, what, expected = n, done, "lease lost for some rows (taken over after expiry); left to their new owner");
+                    }
+                    return;
+                }
+                Err(e) if attempt < 4 => {
+                    tracing::warn!(subscriber = %self.sub.name, what, error = %e, "settling failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait *= 4;
+                }
+                Err(e) => {
+                    tracing::error!(subscriber = %self.sub.name, what, error = %e, rows = n, "settling failed; rows come back when their lease expires");
+                }
+            }
+        }
+    }
+}
+
+fn add_headers(o: &mut Outgoing, env: &Envelope) {
+    for (k, v) in &env.headers {
+        o.headers.push((k.clone(), v.as_bytes().to_vec()));
+    }
+    o.headers
+        .push(("outbox-id".into(), env.id.to_string().into_bytes()));
+    o.headers
+        .push(("outbox-queue".into(), env.queue.as_bytes().to_vec()));
+    o.headers.push((
+        "outbox-attempt".into(),
+        env.attempt.to_string().into_bytes(),
+    ));
+    if let Some(c) = &env.correlation_id {
+        o.headers
+            .push(("outbox-correlation-id".into(), c.as_bytes().to_vec()));
+    }
+    o.headers.push((
+        "outbox-created-at".into(),
+        env.created_at_ms.to_string().into_bytes(),
+    ));
+}
+
+fn panic_message(p: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic".to_owned()
+    }
+}
+
+trait InstrumentWith: std::future::Future + Sized {
+    fn instrument_with(self, span: tracing::Span) -> tracing::instrument::Instrumented<Self> {
+        tracing::Instrument::instrument(self, span)
+    }
+}
+impl<F: std::future::Future> InstrumentWith for F {}

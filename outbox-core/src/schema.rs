@@ -1,0 +1,236 @@
+//! Schema of the outbox and dead-letter tables, and the migrations that create it.
+//!
+//! Migrations are embedded in the library and run only when asked:
+//! [`migrate`] (or `outbox migrate` on the command line). They are idempotent
+//! and serialised by an advisory lock, so several instances may call them at
+//! start-up.
+
+use crate::{Error, TableName};
+use sqlx::PgPool;
+
+/// The names of the tables one outbox uses.
+///
+/// ```
+/// let t = outbox::Tables::new("outbox", Some("outbox_dlq")).unwrap();
+/// assert_eq!(t.outbox.name(), "outbox");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tables {
+    /// The outbox table.
+    pub outbox: TableName,
+    /// The dead-letter table, created by [`migrate`] when set.
+    pub dlq: Option<TableName>,
+}
+
+impl Default for Tables {
+    fn default() -> Self {
+        Self {
+            outbox: TableName::new("outbox").expect("valid default"),
+            dlq: Some(TableName::new("outbox_dlq").expect("valid default")),
+        }
+    }
+}
+
+impl Tables {
+    /// Validated table names.
+    pub fn new(outbox: &str, dlq: Option<&str>) -> Result<Self, Error> {
+        Ok(Self {
+            outbox: TableName::new(outbox)?,
+            dlq: dlq.map(TableName::new).transpose()?,
+        })
+    }
+
+    /// The NOTIFY channel of this outbox (at most 63 bytes, as Postgres requires).
+    pub(crate) fn channel(&self) -> String {
+        let mut c = format!("outbox_wake_{}", self.outbox);
+        c.truncate(63);
+        c
+    }
+}
+
+struct Migration {
+    version: i32,
+    name: &'static str,
+    sql: fn(&TableName) -> String,
+}
+
+const OUTBOX_MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "create outbox",
+    sql: outbox_v1,
+}];
+
+const DLQ_MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "create dead letters",
+    sql: dlq_v1,
+}];
+
+fn outbox_v1(t: &TableName) -> String {
+    let o = t.quoted();
+    let listeners = t.derived("_listeners");
+    format!(
+        r#"
+CREATE TABLE IF NOT EXISTS {o} (
+    id                bigserial PRIMARY KEY,
+    queue             text NOT NULL CHECK (octet_length(queue) BETWEEN 1 AND 255),
+    payload           bytea NOT NULL,
+    headers           jsonb NOT NULL DEFAULT '{{}}'::jsonb CHECK (jsonb_typeof(headers) = 'object'),
+    partition_key     text,
+    correlation_id    text,
+    timer_id          text,
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    next_attempt_at   timestamptz NOT NULL DEFAULT now(),
+    first_attempt_at  timestamptz,
+    last_attempt_at   timestamptz,
+    attempts          integer NOT NULL DEFAULT 0,
+    deliveries        integer NOT NULL DEFAULT 0,
+    lease_token       uuid,
+    lease_acquired_at timestamptz,
+    parked_at         timestamptz,
+    failure_reason    text,
+    last_error        text,
+    CONSTRAINT {lease_chk} CHECK ((lease_token IS NULL) = (lease_acquired_at IS NULL))
+);
+CREATE INDEX IF NOT EXISTS {claim_idx} ON {o} (queue, next_attempt_at) WHERE parked_at IS NULL;
+CREATE INDEX IF NOT EXISTS {key_idx} ON {o} (queue, partition_key, id)
+    WHERE partition_key IS NOT NULL AND parked_at IS NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS {timer_idx} ON {o} (queue, timer_id) WHERE timer_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS {parked_idx} ON {o} (queue, id) WHERE parked_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS {listeners} (
+    listener   uuid PRIMARY KEY,
+    idle_until timestamptz NOT NULL
+);
+"#,
+        lease_chk = t.ident("_lease_chk"),
+        claim_idx = t.ident("_claim_idx"),
+        key_idx = t.ident("_key_idx"),
+        timer_idx = t.ident("_timer_idx"),
+        parked_idx = t.ident("_parked_idx"),
+    )
+}
+
+fn dlq_v1(t: &TableName) -> String {
+    let d = t.quoted();
+    format!(
+        r#"
+CREATE TABLE IF NOT EXISTS {d} (
+    id              bigserial PRIMARY KEY,
+    original_id     bigint NOT NULL,
+    queue           text NOT NULL,
+    payload         bytea NOT NULL,
+    headers         jsonb NOT NULL DEFAULT '{{}}'::jsonb,
+    partition_key   text,
+    correlation_id  text,
+    attempts        integer NOT NULL,
+    deliveries      integer NOT NULL,
+    created_at      timestamptz NOT NULL,
+    failed_at       timestamptz NOT NULL DEFAULT now(),
+    failure_reason  text NOT NULL,
+    last_error      text
+);
+CREATE INDEX IF NOT EXISTS {q_idx} ON {d} (queue, id);
+"#,
+        q_idx = t.ident("_queue_idx"),
+    )
+}
+
+/// Creates or upgrades the outbox table (and the dead-letter table when one is
+/// named). Safe to call from several instances at once.
+///
+/// ```no_run
+/// # async fn f(pool: sqlx::PgPool) -> Result<(), outbox::Error> {
+/// outbox::migrate(&pool, &outbox::Tables::default()).await?;
+/// # Ok(()) }
+/// ```
+pub async fn migrate(pool: &PgPool, tables: &Tables) -> Result<(), Error> {
+    let mut conn = pool.acquire().await?;
+    // One lock for every outbox migration, so concurrent start-ups queue up.
+    sqlx::query("SELECT pg_advisory_lock(7244551220173090001)")
+        .execute(&mut *conn)
+        .await?;
+    let result = async {
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS outbox_migrations (
+                table_name text NOT NULL,
+                kind text NOT NULL,
+                version integer NOT NULL,
+                name text NOT NULL,
+                applied_at timestamptz NOT NULL DEFAULT now(),
+                PRIMARY KEY (table_name, kind, version))",
+        )
+        .execute(&mut *conn)
+        .await?;
+        apply(&mut conn, &tables.outbox, "outbox", OUTBOX_MIGRATIONS).await?;
+        if let Some(dlq) = &tables.dlq {
+            apply(&mut conn, dlq, "dlq", DLQ_MIGRATIONS).await?;
+        }
+        Ok::<_, Error>(())
+    }
+    .await;
+    let unlock = sqlx::query("SELECT pg_advisory_unlock(7244551220173090001)")
+        .execute(&mut *conn)
+        .await;
+    result?;
+    unlock?;
+    Ok(())
+}
+
+/// Creates a dead-letter table on its own (for subscribers naming a table of their own).
+pub async fn migrate_dlq(pool: &PgPool, dlq: &TableName) -> Result<(), Error> {
+    let mut conn = pool.acquire().await?;
+    apply(&mut conn, dlq, "dlq", DLQ_MIGRATIONS).await
+}
+
+async fn apply(
+    conn: &mut sqlx::PgConnection,
+    table: &TableName,
+    kind: &str,
+    migrations: &[Migration],
+) -> Result<(), Error> {
+    use sqlx::Connection;
+    for m in migrations {
+        let done: Option<i32> = sqlx::query_scalar(
+            "SELECT version FROM outbox_migrations WHERE table_name = $1 AND kind = $2 AND version = $3",
+        )
+        .bind(table.to_string())
+        .bind(kind)
+        .bind(m.version)
+        .fetch_optional(&mut *conn)
+        .await?;
+        if done.is_some() {
+            continue;
+        }
+        let mut tx = conn.begin().await?;
+        let err = |source| Error::Migration {
+            version: m.version,
+            name: m.name,
+            source,
+        };
+        sqlx::raw_sql(&(m.sql)(table))
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        sqlx::query(
+            "INSERT INTO outbox_migrations (table_name, kind, version, name) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(table.to_string())
+        .bind(kind)
+        .bind(m.version)
+        .bind(m.name)
+        .execute(&mut *tx)
+        .await
+        .map_err(err)?;
+        tx.commit().await?;
+        tracing::info!(table = %table, kind, version = m.version, name = m.name, "applied migration");
+    }
+    Ok(())
+}
+
+/// The schema version this library expects for each table kind.
+pub fn expected_versions() -> (i32, i32) {
+    (
+        OUTBOX_MIGRATIONS.last().map_or(0, |m| m.version),
+        DLQ_MIGRATIONS.last().map_or(0, |m| m.version),
+    )
+}

@@ -1,0 +1,273 @@
+//! Every SQL statement of the runtime, in one place so it can be reviewed as one.
+//!
+//! Table names come from validated [`crate::TableName`]s and are always quoted;
+//! every value is a bind parameter.
+
+use crate::Tables;
+
+/// The columns a claim returns, in the order [`crate::claim`] reads them.
+const RETURNING: &str = "o.id, o.queue, o.payload, o.headers, o.partition_key, o.correlation_id, \
+     o.attempts, o.deliveries, (extract(epoch from o.created_at) * 1000)::int8 AS created_at_ms, \
+     (extract(epoch from (now() - o.first_attempt_at)) * 1000000)::int8 AS elapsed_us";
+
+/// `next_attempt_at` of a new row from `$delay_us` / `$at_epoch_us` parameters.
+fn due(delay: &str, at: &str) -> String {
+    format!(
+        "CASE WHEN {at} IS NOT NULL THEN to_timestamp({at} / 1000000.0) \
+              WHEN {delay} IS NOT NULL THEN now() + {delay} * interval '1 microsecond' \
+              ELSE now() END"
+    )
+}
+
+/// Notifies the wake-up channel only while some subscriber sleeps, so that a
+/// busy system does not pay for `pg_notify`'s commit-time lock on every publish.
+fn notify_cte(t: &Tables, channel_param: &str, payload: &str) -> String {
+    format!(
+        "n AS (SELECT pg_notify({channel_param}, {payload}) FROM {listeners} \
+               WHERE idle_until > now() AND EXISTS (SELECT 1 FROM ins) LIMIT 1)",
+        listeners = t.outbox.derived("_listeners"),
+    )
+}
+
+pub(crate) fn publish_one(t: &Tables, replace: bool) -> String {
+    let conflict = if replace {
+        format!(
+            "DO UPDATE SET payload = excluded.payload, headers = excluded.headers, \
+             partition_key = excluded.partition_key, correlation_id = excluded.correlation_id, \
+             next_attempt_at = excluded.next_attempt_at, created_at = excluded.created_at \
+             WHERE {o}.lease_token IS NULL",
+            o = t.outbox.quoted()
+        )
+    } else {
+        "DO NOTHING".to_owned()
+    };
+    format!(
+        "WITH ins AS (\
+            INSERT INTO {o} (queue, payload, headers, partition_key, correlation_id, next_attempt_at, timer_id) \
+            VALUES ($1, $2, $3, $4, $5, {due}, $8::text) \
+            ON CONFLICT (queue, timer_id) WHERE timer_id IS NOT NULL {conflict} \
+            RETURNING id), \
+         {notify} \
+         SELECT ins.id FROM ins CROSS JOIN (SELECT count(*) FROM n) AS woke",
+        o = t.outbox.quoted(),
+        due = due("$6::int8", "$7::int8"),
+        notify = notify_cte(t, "$9::text", "$1::text"),
+    )
+}
+
+pub(crate) fn publish_batch(t: &Tables) -> String {
+    format!(
+        "WITH ins AS (\
+            INSERT INTO {o} (queue, payload, headers, partition_key, correlation_id, next_attempt_at, timer_id) \
+            SELECT u.q, u.p, u.h, u.k, u.c, {due}, u.t \
+            FROM unnest($1::text[], $2::bytea[], $3::jsonb[], $4::text[], $5::text[], $6::int8[], $7::int8[], $8::text[]) \
+                 AS u(q, p, h, k, c, d, a, t) \
+            ON CONFLICT (queue, timer_id) WHERE timer_id IS NOT NULL DO NOTHING \
+            RETURNING id), \
+         {notify} \
+         SELECT ins.id FROM ins CROSS JOIN (SELECT count(*) FROM n) AS woke ORDER BY ins.id",
+        o = t.outbox.quoted(),
+        due = due("u.d", "u.a"),
+        notify = notify_cte(t, "$9::text", "''"),
+    )
+}
+
+pub(crate) fn cancel_timer(t: &Tables) -> String {
+    format!(
+        "DELETE FROM {o} WHERE queue = $1 AND timer_id = $2 AND lease_token IS NULL",
+        o = t.outbox.quoted()
+    )
+}
+
+/// Which rows a claim may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClaimScope {
+    /// Rows of the queues in `$1`, oldest due first.
+    Queues,
+    /// Rows of the queues in `$1`, only the head row of each partition key.
+    QueuesOrdered,
+    /// Every row of the table, by id (the stand-alone relay).
+    All,
+}
+
+/// `$1` queues (absent for `All`), `$2` limit, `$3` lease TTL in µs, `$4` token.
+pub(crate) fn claim(t: &Tables, scope: ClaimScope) -> String {
+    let o = t.outbox.quoted();
+    let (queue_filter, order, head_only) = match scope {
+        ClaimScope::Queues => ("c.queue = ANY($1) AND", "c.next_attempt_at", String::new()),
+        ClaimScope::QueuesOrdered => (
+            "c.queue = ANY($1) AND",
+            "c.id",
+            format!(
+                "AND (c.partition_key IS NULL OR NOT EXISTS (\
+                    SELECT 1 FROM {o} p WHERE p.queue = c.queue AND p.partition_key = c.partition_key \
+                    AND p.id < c.id AND p.parked_at IS NULL))"
+            ),
+        ),
+        ClaimScope::All => ("", "c.id", String::new()),
+    };
+    format!(
+        "WITH picked AS (\
+            SELECT c.id FROM {o} c \
+            WHERE {queue_filter} c.parked_at IS NULL AND c.next_attempt_at <= now() \
+              AND (c.lease_token IS NULL OR c.lease_acquired_at <= now() - $3::int8 * interval '1 microsecond') \
+              {head_only} \
+            ORDER BY {order} LIMIT $2 FOR UPDATE SKIP LOCKED) \
+         UPDATE {o} o SET lease_token = $4, lease_acquired_at = now(), deliveries = o.deliveries + 1, \
+             first_attempt_at = coalesce(o.first_attempt_at, now()), last_attempt_at = now() \
+         FROM picked WHERE o.id = picked.id \
+         RETURNING {RETURNING}"
+    )
+}
+
+/// `$1` ids, `$2` token.
+pub(crate) fn ack(t: &Tables) -> String {
+    format!(
+        "DELETE FROM {o} WHERE id = ANY($1) AND lease_token = $2",
+        o = t.outbox.quoted()
+    )
+}
+
+/// `$1` ids, `$2` delays in µs, `$3` errors, `$4` token.
+pub(crate) fn nack(t: &Tables) -> String {
+    format!(
+        "UPDATE {o} o SET lease_token = NULL, lease_acquired_at = NULL, attempts = o.attempts + 1, \
+             next_attempt_at = now() + u.delay_us * interval '1 microsecond', last_error = u.err \
+         FROM unnest($1::int8[], $2::int8[], $3::text[]) AS u(id, delay_us, err) \
+         WHERE o.id = u.id AND o.lease_token = $4",
+        o = t.outbox.quoted()
+    )
+}
+
+/// `$1` ids, `$2` token: gives rows back without counting an attempt.
+pub(crate) fn release(t: &Tables) -> String {
+    format!(
+        "UPDATE {o} SET lease_token = NULL, lease_acquired_at = NULL \
+         WHERE id = ANY($1) AND lease_token = $2",
+        o = t.outbox.quoted()
+    )
+}
+
+/// `$1` ids, `$2` reasons, `$3` errors, `$4` token: moves rows to the DLQ in the
+/// statement that deletes them.
+pub(crate) fn dead_letter(t: &Tables, dlq: &crate::TableName) -> String {
+    format!(
+        "WITH d AS (\
+            DELETE FROM {o} o USING unnest($1::int8[], $2::text[], $3::text[]) AS u(id, reason, err) \
+            WHERE o.id = u.id AND o.lease_token = $4 \
+            RETURNING o.id, o.queue, o.payload, o.headers, o.partition_key, o.correlation_id, \
+                      o.attempts, o.deliveries, o.created_at, u.reason, u.err) \
+         INSERT INTO {d} (original_id, queue, payload, headers, partition_key, correlation_id, \
+                          attempts, deliveries, created_at, failure_reason, last_error) \
+         SELECT id, queue, payload, headers, partition_key, correlation_id, attempts + 1, deliveries, \
+                created_at, reason, err FROM d",
+        o = t.outbox.quoted(),
+        d = dlq.quoted()
+    )
+}
+
+/// `$1` ids, `$2` reasons, `$3` errors, `$4` token: parks rows (no DLQ configured).
+pub(crate) fn park(t: &Tables) -> String {
+    format!(
+        "UPDATE {o} o SET lease_token = NULL, lease_acquired_at = NULL, parked_at = now(), \
+             attempts = o.attempts + 1, failure_reason = u.reason, last_error = u.err \
+         FROM unnest($1::int8[], $2::text[], $3::text[]) AS u(id, reason, err) \
+         WHERE o.id = u.id AND o.lease_token = $4",
+        o = t.outbox.quoted()
+    )
+}
+
+/// `$1` listener id, `$2` how long the mark holds, in µs.
+pub(crate) fn mark_idle(t: &Tables) -> String {
+    format!(
+        "INSERT INTO {l} (listener, idle_until) VALUES ($1, now() + $2::int8 * interval '1 microsecond') \
+         ON CONFLICT (listener) DO UPDATE SET idle_until = excluded.idle_until",
+        l = t.outbox.derived("_listeners")
+    )
+}
+
+/// `$1` listener id.
+pub(crate) fn mark_busy(t: &Tables) -> String {
+    format!(
+        "DELETE FROM {l} WHERE listener = $1",
+        l = t.outbox.derived("_listeners")
+    )
+}
+
+/// Columns of a dead letter, as [`crate::dlq::DeadLetter`] reads them.
+const DLQ_COLUMNS: &str =
+    "id, original_id, queue, payload, headers, partition_key, correlation_id, \
+     attempts, deliveries, (extract(epoch from created_at) * 1000)::int8 AS created_at_ms, \
+     (extract(epoch from failed_at) * 1000)::int8 AS failed_at_ms, failure_reason, last_error";
+
+/// The filter of DLQ commands: `$1` queue, `$2` min id, `$3` max id, `$4` since (epoch ms).
+const DLQ_FILTER: &str = "($1::text IS NULL OR queue = $1) AND ($2::int8 IS NULL OR id >= $2) \
+     AND ($3::int8 IS NULL OR id <= $3) AND ($4::int8 IS NULL OR failed_at >= to_timestamp($4 / 1000.0))";
+
+pub(crate) fn dlq_list(dlq: &crate::TableName) -> String {
+    format!(
+        "SELECT {DLQ_COLUMNS} FROM {d} WHERE {DLQ_FILTER} ORDER BY id LIMIT $5",
+        d = dlq.quoted()
+    )
+}
+
+pub(crate) fn dlq_count(dlq: &crate::TableName) -> String {
+    format!(
+        "SELECT count(*) FROM {d} WHERE {DLQ_FILTER}",
+        d = dlq.quoted()
+    )
+}
+
+pub(crate) fn dlq_purge(dlq: &crate::TableName) -> String {
+    format!("DELETE FROM {d} WHERE {DLQ_FILTER}", d = dlq.quoted())
+}
+
+/// Moves matching dead letters back into the outbox in one statement.
+pub(crate) fn dlq_replay(t: &Tables, dlq: &crate::TableName) -> String {
+    format!(
+        "WITH d AS (DELETE FROM {d} WHERE id IN (SELECT id FROM {d} WHERE {DLQ_FILTER} ORDER BY id LIMIT $5) \
+                    RETURNING id, queue, payload, headers, partition_key, correlation_id), \
+              ins AS (INSERT INTO {o} (queue, payload, headers, partition_key, correlation_id) \
+                      SELECT queue, payload, headers, partition_key, correlation_id FROM d ORDER BY id \
+                      RETURNING id), \
+              {notify} \
+         SELECT ins.id FROM ins CROSS JOIN (SELECT count(*) FROM n) AS woke ORDER BY ins.id",
+        d = dlq.quoted(),
+        o = t.outbox.quoted(),
+        notify = notify_cte(t, "$6::text", "''"),
+    )
+}
+
+/// Columns of a parked row, as [`crate::dlq::Parked`] reads them.
+pub(crate) fn parked_list(t: &Tables) -> String {
+    format!(
+        "SELECT id, queue, payload, headers, partition_key, correlation_id, attempts, deliveries, \
+             (extract(epoch from created_at) * 1000)::int8 AS created_at_ms, \
+             (extract(epoch from parked_at) * 1000)::int8 AS parked_at_ms, failure_reason, last_error \
+         FROM {o} WHERE parked_at IS NOT NULL AND ($1::text IS NULL OR queue = $1) ORDER BY id LIMIT $2",
+        o = t.outbox.quoted()
+    )
+}
+
+/// `$1` ids: parked rows become pending again with a fresh retry budget.
+pub(crate) fn unpark(t: &Tables) -> String {
+    format!(
+        "UPDATE {o} SET parked_at = NULL, attempts = 0, first_attempt_at = NULL, next_attempt_at = now(), \
+             failure_reason = NULL WHERE id = ANY($1) AND parked_at IS NOT NULL",
+        o = t.outbox.quoted()
+    )
+}
+
+/// Per-queue counts: pending, in flight, parked, age of the oldest pending row.
+pub(crate) fn queue_stats(t: &Tables) -> String {
+    format!(
+        "SELECT queue, \
+            count(*) FILTER (WHERE parked_at IS NULL AND lease_token IS NULL) AS pending, \
+            count(*) FILTER (WHERE parked_at IS NULL AND lease_token IS NOT NULL) AS in_flight, \
+            count(*) FILTER (WHERE parked_at IS NOT NULL) AS parked, \
+            coalesce(extract(epoch from now() - min(created_at) FILTER (WHERE parked_at IS NULL)), 0)::float8 \
+                AS oldest_pending_s \
+         FROM {o} GROUP BY queue ORDER BY queue",
+        o = t.outbox.quoted()
+    )
+}
