@@ -131,6 +131,11 @@ impl App {
                 subs.push((reg.build)());
             }
         }
+        for s in &mut subs {
+            if s.dlq_default {
+                s.dlq = self.tables.dlq.as_ref().map(|d| d.to_string());
+            }
+        }
         subs
     }
 

@@ -87,10 +87,12 @@ CREATE TABLE IF NOT EXISTS {o} (
     deliveries        integer NOT NULL DEFAULT 0,
     lease_token       uuid,
     lease_acquired_at timestamptz,
+    lease_expires_at  timestamptz,
     parked_at         timestamptz,
     failure_reason    text,
     last_error        text,
-    CONSTRAINT {lease_chk} CHECK ((lease_token IS NULL) = (lease_acquired_at IS NULL))
+    CONSTRAINT {lease_chk} CHECK ((lease_token IS NULL) = (lease_acquired_at IS NULL)
+                                 AND (lease_token IS NULL) = (lease_expires_at IS NULL))
 );
 CREATE INDEX IF NOT EXISTS {claim_idx} ON {o} (queue, next_attempt_at) WHERE parked_at IS NULL;
 CREATE INDEX IF NOT EXISTS {key_idx} ON {o} (queue, partition_key, id)

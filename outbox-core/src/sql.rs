@@ -91,6 +91,7 @@ pub(crate) enum ClaimScope {
 }
 
 /// `$1` queues (absent for `All`), `$2` limit, `$3` lease TTL in µs, `$4` token.
+/// A lease ends at the expiry its claimer chose, whatever TTL a later claimer uses.
 pub(crate) fn claim(t: &Tables, scope: ClaimScope) -> String {
     let o = t.outbox.quoted();
     let (queue_filter, order, head_only) = match scope {
@@ -110,10 +111,11 @@ pub(crate) fn claim(t: &Tables, scope: ClaimScope) -> String {
         "WITH picked AS (\
             SELECT c.id FROM {o} c \
             WHERE {queue_filter} c.parked_at IS NULL AND c.next_attempt_at <= now() \
-              AND (c.lease_token IS NULL OR c.lease_acquired_at <= now() - $3::int8 * interval '1 microsecond') \
+              AND (c.lease_token IS NULL OR c.lease_expires_at <= now()) \
               {head_only} \
             ORDER BY {order} LIMIT $2 FOR UPDATE SKIP LOCKED) \
-         UPDATE {o} o SET lease_token = $4, lease_acquired_at = now(), deliveries = o.deliveries + 1, \
+         UPDATE {o} o SET lease_token = $4, lease_acquired_at = now(), \
+             lease_expires_at = now() + $3::int8 * interval '1 microsecond', deliveries = o.deliveries + 1, \
              first_attempt_at = coalesce(o.first_attempt_at, now()), last_attempt_at = now() \
          FROM picked WHERE o.id = picked.id \
          RETURNING {RETURNING}"
@@ -131,7 +133,7 @@ pub(crate) fn ack(t: &Tables) -> String {
 /// `$1` ids, `$2` delays in µs, `$3` errors, `$4` token.
 pub(crate) fn nack(t: &Tables) -> String {
     format!(
-        "UPDATE {o} o SET lease_token = NULL, lease_acquired_at = NULL, attempts = o.attempts + 1, \
+        "UPDATE {o} o SET lease_token = NULL, lease_acquired_at = NULL, lease_expires_at = NULL, attempts = o.attempts + 1, \
              next_attempt_at = now() + u.delay_us * interval '1 microsecond', last_error = u.err \
          FROM unnest($1::int8[], $2::int8[], $3::text[]) AS u(id, delay_us, err) \
          WHERE o.id = u.id AND o.lease_token = $4",
@@ -142,7 +144,7 @@ pub(crate) fn nack(t: &Tables) -> String {
 /// `$1` ids, `$2` token: gives rows back without counting an attempt.
 pub(crate) fn release(t: &Tables) -> String {
     format!(
-        "UPDATE {o} SET lease_token = NULL, lease_acquired_at = NULL \
+        "UPDATE {o} SET lease_token = NULL, lease_acquired_at = NULL, lease_expires_at = NULL \
          WHERE id = ANY($1) AND lease_token = $2",
         o = t.outbox.quoted()
     )
@@ -169,7 +171,7 @@ pub(crate) fn dead_letter(t: &Tables, dlq: &crate::TableName) -> String {
 /// `$1` ids, `$2` reasons, `$3` errors, `$4` token: parks rows (no DLQ configured).
 pub(crate) fn park(t: &Tables) -> String {
     format!(
-        "UPDATE {o} o SET lease_token = NULL, lease_acquired_at = NULL, parked_at = now(), \
+        "UPDATE {o} o SET lease_token = NULL, lease_acquired_at = NULL, lease_expires_at = NULL, parked_at = now(), \
              attempts = o.attempts + 1, failure_reason = u.reason, last_error = u.err \
          FROM unnest($1::int8[], $2::text[], $3::text[]) AS u(id, reason, err) \
          WHERE o.id = u.id AND o.lease_token = $4",
