@@ -151,9 +151,11 @@ async fn two_instances_with_four_workers_handle_every_row_once() {
     for r in instances {
         r.shutdown().await;
     }
-    let seen = seen.lock().unwrap();
-    assert_eq!(seen.len(), n, "every row handled");
-    let twice = seen.values().filter(|c| **c > 1).count();
+    let (handled, twice) = {
+        let seen = seen.lock().unwrap();
+        (seen.len(), seen.values().filter(|c| **c > 1).count())
+    };
+    assert_eq!(handled, n, "every row handled");
     assert_eq!(twice, 0, "no row handled twice");
     db.drop_db().await;
 }

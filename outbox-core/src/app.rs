@@ -34,6 +34,8 @@ pub struct App {
     sinks: HashMap<String, Arc<dyn Sink>>,
     state: Extensions,
     shutdown_timeout: Duration,
+    #[cfg(feature = "prometheus")]
+    metrics: Option<crate::metrics::Endpoint>,
 }
 
 impl std::fmt::Debug for App {
@@ -68,6 +70,8 @@ impl App {
             sinks: HashMap::new(),
             state: Extensions::default(),
             shutdown_timeout: Duration::from_secs(30),
+            #[cfg(feature = "prometheus")]
+            metrics: None,
         }
     }
 
@@ -118,6 +122,31 @@ impl App {
     /// How long in-flight handlers may run after shutdown starts (default 30 s).
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Serves Prometheus metrics, `/healthz` and `/readyz` on `addr` while the
+    /// app runs, and samples the row gauges (see [`crate::metrics`]). Off
+    /// unless asked. Port 0 picks a free port: [`Running::metrics_addr`].
+    ///
+    /// ```no_run
+    /// # async fn f(pool: sqlx::PgPool) -> Result<(), outbox::Error> {
+    /// outbox::App::new(pool)
+    ///     .metrics_addr("0.0.0.0:9100".parse().unwrap())
+    ///     .run_until_signal()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "prometheus")]
+    pub fn metrics_addr(self, addr: std::net::SocketAddr) -> Self {
+        self.metrics_endpoint(crate::metrics::Endpoint::new(addr))
+    }
+
+    /// Like [`App::metrics_addr`], with readiness checks of your own (a
+    /// broker, say) and a sample interval; the app adds the database check.
+    #[cfg(feature = "prometheus")]
+    pub fn metrics_endpoint(mut self, endpoint: crate::metrics::Endpoint) -> Self {
+        self.metrics = Some(endpoint);
         self
     }
 
@@ -217,6 +246,19 @@ impl App {
         let subs = self.subscribers();
         self.check(&subs)?;
         self.check_tables(&subs).await?;
+        #[cfg(feature = "prometheus")]
+        let metrics = match &self.metrics {
+            Some(endpoint) => {
+                let dlqs = subs
+                    .iter()
+                    .filter_map(|s| s.dlq.as_deref().map(TableName::new))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let every = endpoint.sample_every();
+                let handle = endpoint.clone().database(self.pool.clone()).serve().await?;
+                Some((handle, every, dlqs))
+            }
+            None => None,
+        };
         for s in &subs {
             let queues = match &s.queues {
                 Queues::All => "every queue".to_owned(),
@@ -245,6 +287,16 @@ impl App {
         let state = Arc::new(self.state);
         let sinks = Arc::new(self.sinks);
         let mut tasks = JoinSet::new();
+        #[cfg(feature = "prometheus")]
+        if let Some((_, every, dlqs)) = &metrics {
+            tasks.spawn(crate::metrics::run_sampler(
+                self.pool.clone(),
+                self.tables.clone(),
+                dlqs.clone(),
+                *every,
+                stop_rx.clone(),
+            ));
+        }
         for s in subs {
             let dlq = s.dlq.as_deref().map(TableName::new).transpose()?;
             let queues = match &s.queues {
@@ -275,6 +327,8 @@ impl App {
             listener,
             sinks,
             shutdown_timeout: self.shutdown_timeout,
+            #[cfg(feature = "prometheus")]
+            metrics: metrics.map(|(handle, _, _)| handle),
         })
     }
 
@@ -342,6 +396,8 @@ pub struct Running {
     listener: tokio::task::JoinHandle<()>,
     sinks: Arc<HashMap<String, Arc<dyn Sink>>>,
     shutdown_timeout: Duration,
+    #[cfg(feature = "prometheus")]
+    metrics: Option<crate::metrics::MetricsHandle>,
 }
 
 impl std::fmt::Debug for Running {
@@ -351,6 +407,12 @@ impl std::fmt::Debug for Running {
 }
 
 impl Running {
+    /// Where the metrics endpoint listens, when [`App::metrics_addr`] was set.
+    #[cfg(feature = "prometheus")]
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics.as_ref().map(|m| m.local_addr())
+    }
+
     /// Stops claiming, lets in-flight handlers finish within the shutdown
     /// timeout, releases what did not finish, and flushes the brokers.
     pub async fn shutdown(mut self) {
@@ -360,6 +422,10 @@ impl Running {
         for sink in self.sinks.values() {
             sink.flush(self.shutdown_timeout).await;
         }
+        #[cfg(feature = "prometheus")]
+        if let Some(m) = &self.metrics {
+            m.stop();
+        }
         tracing::info!("outbox stopped");
     }
 
@@ -368,6 +434,10 @@ impl Running {
     pub fn abort(mut self) {
         self.tasks.abort_all();
         self.listener.abort();
+        #[cfg(feature = "prometheus")]
+        if let Some(m) = &self.metrics {
+            m.stop();
+        }
         let _ = self.stop.send(true);
     }
 }

@@ -27,11 +27,15 @@
 
 mod app;
 pub mod claim;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod dlq;
 mod envelope;
 mod error;
 mod handler;
 mod listen;
+pub mod logging;
+pub mod metrics;
 mod names;
 mod publish;
 pub mod retry;
@@ -129,6 +133,11 @@ pub mod __private {
     }
 
     /// How a handler's payload argument is decoded.
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` cannot be a handler's payload: it does not implement serde::Deserialize",
+        label = "the payload argument",
+        note = "derive serde::Deserialize for it, or take outbox::Raw (the bytes) or serde_json::Value"
+    )]
     pub trait FromPayload: Sized {
         /// Decodes; a failure is a permanent `deserialize` error.
         fn from_payload(env: &Envelope) -> Result<Self, HandlerError>;
@@ -147,6 +156,11 @@ pub mod __private {
     }
 
     /// How a handler's return value becomes a message: `(key, payload)`.
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` cannot be published: it does not implement serde::Serialize",
+        label = "the value a stacked publisher sends",
+        note = "derive serde::Serialize for it, or return outbox::Raw (bytes) or outbox::Keyed<T> (with a key)"
+    )]
     pub trait IntoMessage {
         /// Serializes; a failure is a permanent error.
         fn into_message(self) -> Result<(Option<Vec<u8>>, Vec<u8>), HandlerError>;
@@ -167,6 +181,12 @@ pub mod __private {
         }
     }
 
+    impl IntoMessage for Keyed<Raw> {
+        fn into_message(self) -> Result<(Option<Vec<u8>>, Vec<u8>), HandlerError> {
+            Ok((Some(self.key.into_bytes()), self.value.0))
+        }
+    }
+
     impl IntoMessage for Raw {
         fn into_message(self) -> Result<(Option<Vec<u8>>, Vec<u8>), HandlerError> {
             Ok((None, self.0))
@@ -183,8 +203,26 @@ pub mod __private {
         value.into_message()
     }
 
+    /// The error types a handler's `Err` may carry.
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` cannot be a handler's error: it does not convert into outbox::HandlerError",
+        label = "the handler's `Err` type",
+        note = "implement std::error::Error for it (then `Err` is a transient failure, retried), \
+                or return outbox::HandlerError (HandlerError::reject(..) for a permanent one)"
+    )]
+    pub trait IntoHandlerError {
+        /// Converts.
+        fn into_handler_error(self) -> HandlerError;
+    }
+
+    impl<E: Into<HandlerError>> IntoHandlerError for E {
+        fn into_handler_error(self) -> HandlerError {
+            self.into()
+        }
+    }
+
     /// Converts a handler's `Err` (generated code calls this).
-    pub fn into_handler_error<E: Into<HandlerError>>(e: E) -> HandlerError {
-        e.into()
+    pub fn into_handler_error<E: IntoHandlerError>(e: E) -> HandlerError {
+        e.into_handler_error()
     }
 }

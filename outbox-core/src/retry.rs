@@ -70,6 +70,20 @@ pub trait RetryStrategy: Send + Sync + fmt::Debug + 'static {
     fn validate(&self) -> Result<(), ConfigErrors> {
         Ok(())
     }
+
+    /// The most attempts this strategy allows, first one included, when it
+    /// knows (logs then read `retry 2/10`); `None` (the default) when it
+    /// decides otherwise. The built-in strategies have a builder method of the
+    /// same name, so call this one as `RetryStrategy::max_attempts(&strategy)`.
+    ///
+    /// ```
+    /// use outbox::{ExponentialRetry, NoRetry, RetryStrategy};
+    /// assert_eq!(RetryStrategy::max_attempts(&ExponentialRetry::default()), Some(10));
+    /// assert_eq!(RetryStrategy::max_attempts(&NoRetry), Some(1));
+    /// ```
+    fn max_attempts(&self) -> Option<u32> {
+        None
+    }
 }
 
 impl<R: RetryStrategy + ?Sized> RetryStrategy for Arc<R> {
@@ -79,6 +93,9 @@ impl<R: RetryStrategy + ?Sized> RetryStrategy for Arc<R> {
     fn validate(&self) -> Result<(), ConfigErrors> {
         (**self).validate()
     }
+    fn max_attempts(&self) -> Option<u32> {
+        (**self).max_attempts()
+    }
 }
 
 impl<R: RetryStrategy + ?Sized> RetryStrategy for Box<R> {
@@ -87,6 +104,9 @@ impl<R: RetryStrategy + ?Sized> RetryStrategy for Box<R> {
     }
     fn validate(&self) -> Result<(), ConfigErrors> {
         (**self).validate()
+    }
+    fn max_attempts(&self) -> Option<u32> {
+        (**self).max_attempts()
     }
 }
 
@@ -294,6 +314,10 @@ impl RetryStrategy for ExponentialRetry {
         self.limits.validate(&mut e);
         e.into_result()
     }
+
+    fn max_attempts(&self) -> Option<u32> {
+        Some(self.limits.max_attempts)
+    }
 }
 
 /// Delays that grow by a fixed step: `initial + step * (attempt - 1)`, capped at `max_delay`.
@@ -373,6 +397,10 @@ impl RetryStrategy for LinearRetry {
         self.limits.validate(&mut e);
         e.into_result()
     }
+
+    fn max_attempts(&self) -> Option<u32> {
+        Some(self.limits.max_attempts)
+    }
 }
 
 /// The same delay before every attempt. Default: 1 s, 10 attempts, jitter 0.2.
@@ -418,6 +446,10 @@ impl RetryStrategy for ConstantRetry {
         self.limits.validate(&mut e);
         e.into_result()
     }
+
+    fn max_attempts(&self) -> Option<u32> {
+        Some(self.limits.max_attempts)
+    }
 }
 
 /// Never retries: the first failure is terminal.
@@ -427,6 +459,10 @@ pub struct NoRetry;
 impl RetryStrategy for NoRetry {
     fn next_delay(&self, _: &Failure<'_>) -> Option<Duration> {
         None
+    }
+
+    fn max_attempts(&self) -> Option<u32> {
+        Some(1)
     }
 }
 

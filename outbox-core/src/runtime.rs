@@ -3,6 +3,8 @@
 use crate::claim::{Claimer, Retry, Terminal};
 use crate::handler::{Decision, Extensions};
 use crate::listen::{sleep_or_stop, Waker};
+use crate::logging::human;
+use crate::metrics as m;
 use crate::{
     AckPolicy, Context, Envelope, Failure, FailureReason, HandlerError, HandlerErrorKind, Outgoing,
     Sink, Subscriber,
@@ -28,6 +30,14 @@ pub(crate) struct SubRuntime {
     pub(crate) mark_busy_sql: String,
     pub(crate) shutdown_timeout: Duration,
 }
+
+/// One handler call: row index, result, manual decision, run time.
+type Handled = (
+    usize,
+    Result<crate::Output, HandlerError>,
+    Option<Decision>,
+    Duration,
+);
 
 /// What becomes of one row of a batch.
 enum Fate {
@@ -96,6 +106,12 @@ impl SubRuntime {
             }
             let token = batch.token;
             let ids: Vec<i64> = batch.rows.iter().map(|r| r.id).collect();
+            m::count_by_queue(
+                m::CLAIMED_TOTAL,
+                batch.rows.iter().map(|r| r.queue.as_str()),
+            );
+            let in_flight = metrics::gauge!(m::IN_FLIGHT, "subscriber" => self.sub.name.clone());
+            in_flight.increment(ids.len() as f64);
             let work = self.process(token, batch.rows);
             tokio::pin!(work);
             let mut deadline_stop = stop.clone();
@@ -117,6 +133,7 @@ impl SubRuntime {
                     }
                 }
             }
+            in_flight.decrement(ids.len() as f64);
         }
         if idle_since.is_some() {
             self.set_busy(listener_id).await;
@@ -154,13 +171,14 @@ impl SubRuntime {
         let rows: Vec<Arc<Envelope>> = rows.into_iter().map(Arc::new).collect();
         let ttl = self.sub.lease_ttl;
         let handler = &self.sub.handler;
-        let results: Vec<(usize, Result<crate::Output, HandlerError>, Option<Decision>, Duration)> =
+        let results: Vec<Handled> =
             futures::stream::iter(rows.iter().cloned().enumerate())
                 .map(|(i, env)| {
                     let ctx = self.context();
                     let span = tracing::info_span!("message", queue = %env.queue, id = env.id, attempt = env.attempt, key = env.key.as_deref().unwrap_or(""));
-                    let fut = handler.call(env, ctx.clone());
+                    let fut = handler.call(env.clone(), ctx.clone());
                     async move {
+                        tracing::debug!("{} | received", env.queue);
                         let started = Instant::now();
                         let r = match tokio::time::timeout(ttl, AssertUnwindSafe(fut).catch_unwind()).await {
                             Ok(Ok(r)) => r,
@@ -179,6 +197,11 @@ impl SubRuntime {
                 .buffer_unordered(self.sub.concurrency)
                 .collect()
                 .await;
+        m::record_handler_times(
+            results
+                .iter()
+                .map(|(i, _, _, took)| (rows[*i].queue.as_str(), *took)),
+        );
 
         let mut fates: Vec<Option<Fate>> = (0..rows.len()).map(|_| None).collect();
         let mut outgoing: HashMap<String, Vec<(usize, Outgoing)>> = HashMap::new();
@@ -193,7 +216,7 @@ impl SubRuntime {
                 }
                 (AckPolicy::Manual, None, Ok(_)) => Fate::Release,
                 (_, _, Ok(output)) => {
-                    tracing::debug!(queue = %env.queue, id = env.id, "processed in {} ms", took.as_millis());
+                    tracing::debug!(queue = %env.queue, id = env.id, "{} | processed in {} ms", env.queue, took.as_millis());
                     for mut o in output.publishes {
                         if o.key.is_none() {
                             o.key = env.key.as_ref().map(|k| k.as_bytes().to_vec());
@@ -220,7 +243,13 @@ impl SubRuntime {
         let sends = outgoing.into_iter().map(|(name, msgs)| async move {
             let (idx, batch): (Vec<usize>, Vec<Outgoing>) = msgs.into_iter().unzip();
             let results = match self.sinks.get(&name) {
-                Some(sink) => sink.send(batch).await,
+                Some(sink) => {
+                    let started = Instant::now();
+                    let results = sink.send(batch).await;
+                    metrics::histogram!(m::PUBLISH_SECONDS, "sink" => name.clone())
+                        .record(started.elapsed().as_secs_f64());
+                    results
+                }
                 None => batch
                     .iter()
                     .map(|_| {
@@ -256,13 +285,20 @@ impl SubRuntime {
         let mut retries = Vec::new();
         let mut terminal = Vec::new();
         let mut release = Vec::new();
+        let mut acked_queues = Vec::new();
+        let mut retried_queues = Vec::new();
+        let mut failed = Vec::new();
         for (i, fate) in fates.into_iter().enumerate() {
             let env = &rows[i];
             match fate.unwrap_or(Fate::Release) {
-                Fate::Ack => acks.push(env.id),
+                Fate::Ack => {
+                    acks.push(env.id);
+                    acked_queues.push(env.queue.as_str());
+                }
                 Fate::Release => release.push(env.id),
                 Fate::Fail(reason, error) => {
-                    tracing::error!(queue = %env.queue, id = env.id, attempt = env.attempt, "dead-lettered: {reason}: {error}");
+                    tracing::error!(queue = %env.queue, id = env.id, attempt = env.attempt, "{} | dead-lettered: {reason}: {error}", env.queue);
+                    failed.push((env.queue.as_str(), reason.as_str()));
                     terminal.push(Terminal {
                         id: env.id,
                         reason,
@@ -278,7 +314,12 @@ impl SubRuntime {
                     });
                     match next {
                         Some(delay) => {
-                            tracing::warn!(queue = %env.queue, id = env.id, "retry {attempt} in {delay:?}: {}", err.message());
+                            let of = match self.sub.retry.max_attempts() {
+                                Some(max) => format!("/{max}"),
+                                None => String::new(),
+                            };
+                            tracing::warn!(queue = %env.queue, id = env.id, "{} | retry {attempt}{of} in {}: {}", env.queue, human(delay), err.message());
+                            retried_queues.push(env.queue.as_str());
                             retries.push(Retry {
                                 id: env.id,
                                 delay,
@@ -286,7 +327,11 @@ impl SubRuntime {
                             });
                         }
                         None => {
-                            tracing::error!(queue = %env.queue, id = env.id, attempt, "dead-lettered: retries exhausted: {}", err.message());
+                            tracing::error!(queue = %env.queue, id = env.id, attempt, "{} | dead-lettered: {}: {}", env.queue, FailureReason::RetriesExhausted, err.message());
+                            failed.push((
+                                env.queue.as_str(),
+                                FailureReason::RetriesExhausted.as_str(),
+                            ));
                             terminal.push(Terminal {
                                 id: env.id,
                                 reason: FailureReason::RetriesExhausted,
@@ -297,6 +342,16 @@ impl SubRuntime {
                 }
             }
         }
+        m::count_by_queue(m::HANDLED_TOTAL, acked_queues);
+        m::count_by_queue(m::RETRIED_TOTAL, retried_queues);
+        m::count_by_queue_reason(
+            m::REJECTED_TOTAL,
+            failed
+                .iter()
+                .copied()
+                .filter(|(_, r)| *r != FailureReason::RetriesExhausted.as_str()),
+        );
+        m::count_by_queue_reason(m::DEAD_LETTERED_TOTAL, failed);
         self.settle("ack", || self.claimer.ack(token, &acks), acks.len())
             .await;
         self.settle("nack", || self.claimer.nack(token, &retries), retries.len())

@@ -273,3 +273,63 @@ pub(crate) fn queue_stats(t: &Tables) -> String {
         o = t.outbox.quoted()
     )
 }
+
+/// Readiness probe of the metrics endpoint.
+#[cfg_attr(not(feature = "prometheus"), allow(dead_code))]
+pub(crate) const PING: &str = "SELECT 1";
+
+/// `$1` quoted table name: whether it exists.
+pub(crate) const TABLE_EXISTS: &str = "SELECT to_regclass($1) IS NOT NULL";
+
+/// The database clock in ms since the Unix epoch (`--since` is measured on it).
+#[cfg_attr(not(feature = "cli"), allow(dead_code))]
+pub(crate) const NOW_MS: &str = "SELECT (extract(epoch from now()) * 1000)::int8";
+
+/// Dead letters per queue.
+pub(crate) fn dlq_count_by_queue(dlq: &crate::TableName) -> String {
+    format!(
+        "SELECT queue, count(*) FROM {d} GROUP BY queue ORDER BY queue",
+        d = dlq.quoted()
+    )
+}
+
+/// `$1` quoted table name: its columns (name, type, not null), in order.
+#[cfg_attr(not(feature = "cli"), allow(dead_code))]
+pub(crate) const TABLE_COLUMNS: &str =
+    "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull \
+     FROM pg_attribute a WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 \
+     AND NOT a.attisdropped ORDER BY a.attnum";
+
+/// `$1` quoted table name: the names of its indexes.
+#[cfg_attr(not(feature = "cli"), allow(dead_code))]
+pub(crate) const TABLE_INDEXES: &str = "SELECT c.relname::text FROM pg_index i \
+     JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = to_regclass($1) ORDER BY 1";
+
+/// `$1` quoted table name: its storage options (`autovacuum_vacuum_scale_factor=0.01`, ...).
+#[cfg_attr(not(feature = "cli"), allow(dead_code))]
+pub(crate) const TABLE_OPTIONS: &str =
+    "SELECT coalesce(c.reloptions, '{}'::text[]) FROM pg_class c WHERE c.oid = to_regclass($1)";
+
+/// `$1` table name as recorded by the migrations: the highest version applied per kind.
+#[cfg_attr(not(feature = "cli"), allow(dead_code))]
+pub(crate) const APPLIED_VERSIONS: &str =
+    "SELECT kind, max(version) FROM outbox_migrations WHERE table_name = $1 GROUP BY kind";
+
+/// `$1`..`$4` the DLQ filter: how many dead letters match, and the highest id.
+#[cfg_attr(not(feature = "cli"), allow(dead_code))]
+pub(crate) fn dlq_span(dlq: &crate::TableName) -> String {
+    format!(
+        "SELECT count(*), max(id) FROM {d} WHERE {DLQ_FILTER}",
+        d = dlq.quoted()
+    )
+}
+
+/// `$1` ids, `$2` queue or NULL, `$3` limit: which of these rows are parked.
+#[cfg_attr(not(feature = "cli"), allow(dead_code))]
+pub(crate) fn parked_ids(t: &Tables) -> String {
+    format!(
+        "SELECT id FROM {o} WHERE parked_at IS NOT NULL AND id = ANY($1) \
+         AND ($2::text IS NULL OR queue = $2) ORDER BY id LIMIT $3",
+        o = t.outbox.quoted()
+    )
+}

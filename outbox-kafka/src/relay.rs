@@ -1,0 +1,544 @@
+//! The stand-alone relay: forwards every row of an outbox table to Kafka with
+//! no user code, the queue (event type) naming the topic.
+//!
+//! The `outbox-relay` binary is a thin shell around [`run_relay`]; tests,
+//! benchmarks and applications run the same code in-process.
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), outbox_kafka::relay::RelayError> {
+//! use outbox_kafka::relay::{run_relay, RelayConfig};
+//! let config = RelayConfig::from_env()?;
+//! run_relay(config, outbox::shutdown_signal()).await?;
+//! # Ok(()) }
+//! ```
+
+use crate::config::{
+    parse_bool, parse_duration, parse_number, redact_userinfo, BrokerConfig, ConfigError,
+};
+use crate::Broker;
+use outbox::{Envelope, ExponentialRetry, HandlerError, Output, Subscriber, TableName, Tables};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Default of `DATABASE_URL`.
+pub const DEFAULT_DATABASE_URL: &str = "postgres://outbox:outbox@127.0.0.1:5432/outbox";
+/// Default of `RELAY_BATCH_SIZE`: rows per claim.
+pub const DEFAULT_RELAY_BATCH_SIZE: usize = 500;
+/// Default of `RELAY_CONCURRENCY`.
+pub const DEFAULT_RELAY_CONCURRENCY: usize = 500;
+/// Default of `RELAY_WORKERS`.
+pub const DEFAULT_RELAY_WORKERS: usize = 2;
+/// Longest topic name Kafka accepts.
+pub const MAX_TOPIC_LEN: usize = 249;
+
+/// How often an idle relay with `RELAY_EXIT_WHEN_IDLE` looks at the outbox.
+const IDLE_CHECK: Duration = Duration::from_millis(200);
+
+/// The environment variables the relay reads, with their defaults (`None`:
+/// unset) and a description; the binary's `--help` is built from the same
+/// names.
+pub const RELAY_VARS: &[(&str, Option<&str>, &str)] = &[
+    ("DATABASE_URL", Some(DEFAULT_DATABASE_URL), "PostgreSQL URL of the database holding the outbox"),
+    ("PUBLISHER_TYPE", Some("kafka"), "broker type; only kafka is accepted"),
+    ("PUBLISHER_URL", None, "kafka://[user:password@]host:port,host:port (default: KAFKA_BROKERS, else 127.0.0.1:9092)"),
+    ("KAFKA_BROKERS", None, "host:port,host:port, used when PUBLISHER_URL is unset"),
+    ("KAFKA_ACKS", Some("all"), "acknowledgements: all, one, none"),
+    ("KAFKA_IDEMPOTENT", None, "idempotent producer (default: true with KAFKA_ACKS=all)"),
+    ("KAFKA_ASYNC", Some("false"), "true: delete rows once queued in the producer, before Kafka acknowledges them (gives up at-least-once)"),
+    ("KAFKA_BATCH_SIZE", None, "messages per produce request (librdkafka batch.num.messages)"),
+    ("KAFKA_LINGER", None, "time to fill a produce request (linger.ms), e.g. 5ms"),
+    ("KAFKA_COMPRESSION", Some("none"), "none, gzip, snappy, lz4, zstd"),
+    ("KAFKA_WRITE_TIMEOUT", Some("30s"), "how long a message may wait for its acknowledgement (message.timeout.ms)"),
+    ("KAFKA_CREATE_TOPICS", Some("false"), "create missing topics with the admin API"),
+    ("KAFKA_TOPIC_PARTITIONS", None, "partitions of created topics (default: the broker's)"),
+    ("KAFKA_TRANSACTIONAL_ID", None, "one Kafka transaction per batch under this transactional.id"),
+    ("RETRY_MAX_ATTEMPTS", Some("10"), "attempts per row before it is dead-lettered"),
+    ("RETRY_INITIAL_DELAY", Some("1s"), "delay after the first failed attempt (doubles each time)"),
+    ("RETRY_MAX_DELAY", Some("5m"), "longest delay between two attempts"),
+    ("OUTBOX_TABLE", Some("outbox"), "outbox table, optionally schema.table"),
+    ("DLQ_TABLE", Some("outbox_dlq"), "dead-letter table; none parks failed rows in the outbox"),
+    ("TOPIC_MAP", None, "queue:topic pairs, comma separated; unmapped queues use TOPIC_PREFIX + queue"),
+    ("TOPIC_PREFIX", None, "prefix of the topic of unmapped queues"),
+    ("RELAY_BATCH_SIZE", Some("500"), "rows per claim (1 to 10000)"),
+    ("RELAY_CONCURRENCY", Some("500"), "rows handled at once per worker (1 to 10000)"),
+    ("RELAY_WORKERS", Some("2"), "claim loops (1 to 64)"),
+    ("RELAY_MIGRATE", Some("false"), "create the outbox and dead-letter tables at start"),
+    ("RELAY_EXIT_WHEN_IDLE", Some("false"), "exit 0 once the outbox has no pending row"),
+    ("LOG_FORMAT", Some("text"), "text or json"),
+    ("RUST_LOG", Some("info"), "log filter, e.g. info,outbox=debug"),
+];
+
+/// How queues map to topics: `TOPIC_MAP` entries first, then `TOPIC_PREFIX` +
+/// queue.
+///
+/// ```
+/// let map = outbox_kafka::relay::TopicMap::parse("orders:orders.v1", "app.").unwrap();
+/// assert_eq!(map.topic_for("orders").unwrap(), "orders.v1");
+/// assert_eq!(map.topic_for("payments").unwrap(), "app.payments");
+/// assert!(map.topic_for("bad queue").is_err());
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopicMap {
+    map: HashMap<String, String>,
+    prefix: String,
+}
+
+impl TopicMap {
+    /// Parses `queue1:topic1,queue2:topic2` and a prefix.
+    pub fn parse(map: &str, prefix: &str) -> Result<Self, ConfigError> {
+        let mut out = HashMap::new();
+        for entry in map.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            // Queues may contain ':', topics may not: split at the last one.
+            let (queue, topic) = entry.rsplit_once(':').ok_or_else(|| {
+                ConfigError::invalid(
+                    "TOPIC_MAP",
+                    format!("{entry:?} is not queue:topic (accepted: queue1:topic1,queue2:topic2)"),
+                )
+            })?;
+            let (queue, topic) = (queue.trim(), topic.trim());
+            if queue.is_empty() {
+                return Err(ConfigError::invalid(
+                    "TOPIC_MAP",
+                    format!("{entry:?} has an empty queue (accepted: queue1:topic1,queue2:topic2)"),
+                ));
+            }
+            check_topic(topic).map_err(|m| ConfigError::invalid("TOPIC_MAP", m))?;
+            if out.insert(queue.to_owned(), topic.to_owned()).is_some() {
+                return Err(ConfigError::invalid(
+                    "TOPIC_MAP",
+                    format!("queue {queue:?} is mapped twice"),
+                ));
+            }
+        }
+        let prefix = prefix.trim();
+        if let Some(c) = prefix.chars().find(|c| !topic_char(*c)) {
+            return Err(ConfigError::invalid(
+                "TOPIC_PREFIX",
+                format!(
+                    "character {c:?} is not allowed in a topic name (accepted: ASCII letters, digits, '.', '_', '-')"
+                ),
+            ));
+        }
+        if prefix.len() >= MAX_TOPIC_LEN {
+            return Err(ConfigError::invalid(
+                "TOPIC_PREFIX",
+                format!("{} characters leave no room for the queue (accepted: fewer than {MAX_TOPIC_LEN})", prefix.len()),
+            ));
+        }
+        Ok(Self {
+            map: out,
+            prefix: prefix.to_owned(),
+        })
+    }
+
+    /// The topic of `queue`, or why the queue cannot be forwarded.
+    pub fn topic_for(&self, queue: &str) -> Result<String, String> {
+        let topic = match self.map.get(queue) {
+            Some(t) => return Ok(t.clone()),
+            None => format!("{}{queue}", self.prefix),
+        };
+        check_topic(&topic).map_err(|m| {
+            format!(
+                "queue {queue:?} has no valid Kafka topic: {m}; map it with TOPIC_MAP=queue:topic"
+            )
+        })?;
+        Ok(topic)
+    }
+}
+
+fn topic_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+fn check_topic(topic: &str) -> Result<(), String> {
+    if topic.is_empty() || topic.len() > MAX_TOPIC_LEN || topic == "." || topic == ".." {
+        return Err(format!(
+            "topic {topic:?} is not 1 to {MAX_TOPIC_LEN} characters (other than . and ..)"
+        ));
+    }
+    if let Some(c) = topic.chars().find(|c| !topic_char(*c)) {
+        return Err(format!(
+            "topic {topic:?}: character {c:?} is not allowed (accepted: ASCII letters, digits, '.', '_', '-')"
+        ));
+    }
+    Ok(())
+}
+
+/// Log output of the binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Settings of the stand-alone relay, read from the environment with
+/// [`RelayConfig::from_env`] (see [`RELAY_VARS`]) or set field by field.
+///
+/// ```
+/// let mut config = outbox_kafka::relay::RelayConfig::default();
+/// config.batch_size = 1000;
+/// config.exit_when_idle = true;
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct RelayConfig {
+    /// The database holding the outbox (`DATABASE_URL`).
+    pub database_url: String,
+    /// The Kafka producer.
+    pub broker: BrokerConfig,
+    /// The outbox table (`OUTBOX_TABLE`).
+    pub outbox_table: String,
+    /// The dead-letter table (`DLQ_TABLE`); `None` parks failed rows.
+    pub dlq_table: Option<String>,
+    /// Queue to topic mapping (`TOPIC_MAP`, `TOPIC_PREFIX`).
+    pub topics: TopicMap,
+    /// Attempts per row (`RETRY_MAX_ATTEMPTS`).
+    pub retry_max_attempts: u32,
+    /// First retry delay (`RETRY_INITIAL_DELAY`).
+    pub retry_initial_delay: Duration,
+    /// Longest retry delay (`RETRY_MAX_DELAY`).
+    pub retry_max_delay: Duration,
+    /// Rows per claim (`RELAY_BATCH_SIZE`).
+    pub batch_size: usize,
+    /// Rows in flight per worker (`RELAY_CONCURRENCY`).
+    pub concurrency: usize,
+    /// Claim loops (`RELAY_WORKERS`).
+    pub workers: usize,
+    /// Create the tables at start (`RELAY_MIGRATE`).
+    pub migrate: bool,
+    /// Stop once the outbox has no pending row (`RELAY_EXIT_WHEN_IDLE`).
+    pub exit_when_idle: bool,
+    /// Log output (`LOG_FORMAT`), used by the binary.
+    pub log_format: LogFormat,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            database_url: DEFAULT_DATABASE_URL.to_owned(),
+            broker: BrokerConfig::default(),
+            outbox_table: "outbox".to_owned(),
+            dlq_table: Some("outbox_dlq".to_owned()),
+            topics: TopicMap::default(),
+            retry_max_attempts: 10,
+            retry_initial_delay: Duration::from_secs(1),
+            retry_max_delay: Duration::from_secs(300),
+            batch_size: DEFAULT_RELAY_BATCH_SIZE,
+            concurrency: DEFAULT_RELAY_CONCURRENCY,
+            workers: DEFAULT_RELAY_WORKERS,
+            migrate: false,
+            exit_when_idle: false,
+            log_format: LogFormat::Text,
+        }
+    }
+}
+
+/// Why the relay could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RelayError {
+    /// A setting is not valid (the binary exits with status 2).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The Kafka producer could not be made.
+    #[error(transparent)]
+    Broker(#[from] crate::Error),
+    /// The outbox runtime failed (a missing table, a database error, ...).
+    #[error(transparent)]
+    Outbox(#[from] outbox::Error),
+}
+
+impl RelayError {
+    /// True when the error is a bad setting rather than a runtime failure.
+    pub fn is_config(&self) -> bool {
+        matches!(
+            self,
+            RelayError::Config(_) | RelayError::Broker(crate::Error::Config(_))
+        )
+    }
+}
+
+impl RelayConfig {
+    /// Reads the settings from the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_vars(
+            std::env::vars_os()
+                .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?))),
+        )
+    }
+
+    /// Reads the settings from `(name, value)` pairs (see [`RELAY_VARS`]);
+    /// empty values count as unset. Every error names its variable.
+    ///
+    /// ```
+    /// use outbox_kafka::relay::RelayConfig;
+    /// let c = RelayConfig::from_vars([("TOPIC_MAP", "orders:orders.v1"), ("RELAY_BATCH_SIZE", "1000")]).unwrap();
+    /// assert_eq!(c.batch_size, 1000);
+    /// let e = RelayConfig::from_vars([("PUBLISHER_TYPE", "nats")]).unwrap_err();
+    /// assert_eq!(e.to_string(), r#"PUBLISHER_TYPE: "nats" is not one of kafka"#);
+    /// ```
+    pub fn from_vars<I, K, V>(vars: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (K, V)>,
+        K: Into<String>,
+        V: Into<String>,
+    {
+        let vars: BTreeMap<String, String> = vars
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .filter(|(_, v)| !v.trim().is_empty())
+            .collect();
+        let get = |name: &str| vars.get(name).map(|v| v.trim().to_owned());
+        let mut c = RelayConfig::default();
+        if let Some(t) = get("PUBLISHER_TYPE") {
+            if !t.eq_ignore_ascii_case("kafka") {
+                return Err(ConfigError::NotOneOf {
+                    var: "PUBLISHER_TYPE".into(),
+                    value: t,
+                    accepted: "kafka",
+                });
+            }
+        }
+        if let Some(url) = get("DATABASE_URL") {
+            check_database_url(&url)?;
+            c.database_url = url;
+        }
+        c.broker = BrokerConfig::from_vars(vars.clone())?;
+        if let Some(v) = get("RETRY_MAX_ATTEMPTS") {
+            c.retry_max_attempts = parse_number("RETRY_MAX_ATTEMPTS", &v, 1, 1_000_000)? as u32;
+        }
+        if let Some(v) = get("RETRY_INITIAL_DELAY") {
+            c.retry_initial_delay = parse_duration("RETRY_INITIAL_DELAY", &v)?;
+        }
+        if let Some(v) = get("RETRY_MAX_DELAY") {
+            c.retry_max_delay = parse_duration("RETRY_MAX_DELAY", &v)?;
+        }
+        if let Some(v) = get("OUTBOX_TABLE") {
+            TableName::new(&v).map_err(|e| ConfigError::invalid("OUTBOX_TABLE", e.to_string()))?;
+            c.outbox_table = v;
+        }
+        if let Some(v) = get("DLQ_TABLE") {
+            if v.eq_ignore_ascii_case("none") {
+                c.dlq_table = None;
+            } else {
+                TableName::new(&v).map_err(|e| ConfigError::invalid("DLQ_TABLE", e.to_string()))?;
+                c.dlq_table = Some(v);
+            }
+        }
+        c.topics = TopicMap::parse(
+            &get("TOPIC_MAP").unwrap_or_default(),
+            &get("TOPIC_PREFIX").unwrap_or_default(),
+        )?;
+        if let Some(v) = get("RELAY_BATCH_SIZE") {
+            c.batch_size = parse_number("RELAY_BATCH_SIZE", &v, 1, 10_000)?;
+        }
+        if let Some(v) = get("RELAY_CONCURRENCY") {
+            c.concurrency = parse_number("RELAY_CONCURRENCY", &v, 1, 10_000)?;
+        }
+        if let Some(v) = get("RELAY_WORKERS") {
+            c.workers = parse_number("RELAY_WORKERS", &v, 1, 64)?;
+        }
+        if let Some(v) = get("RELAY_MIGRATE") {
+            c.migrate = parse_bool("RELAY_MIGRATE", &v)?;
+        }
+        if let Some(v) = get("RELAY_EXIT_WHEN_IDLE") {
+            c.exit_when_idle = parse_bool("RELAY_EXIT_WHEN_IDLE", &v)?;
+        }
+        if let Some(v) = get("LOG_FORMAT") {
+            c.log_format = match v.to_ascii_lowercase().as_str() {
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
+                _ => {
+                    return Err(ConfigError::NotOneOf {
+                        var: "LOG_FORMAT".into(),
+                        value: v,
+                        accepted: "text, json",
+                    })
+                }
+            };
+        }
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// Checks the settings that depend on each other.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.broker.validate()?;
+        check_database_url(&self.database_url)?;
+        self.tables()?;
+        self.retry()
+            .map_err(|e| ConfigError::invalid("RETRY_*", e))?;
+        Ok(())
+    }
+
+    /// The outbox and dead-letter tables.
+    pub fn tables(&self) -> Result<Tables, ConfigError> {
+        Tables::new(&self.outbox_table, self.dlq_table.as_deref())
+            .map_err(|e| ConfigError::invalid("OUTBOX_TABLE/DLQ_TABLE", e.to_string()))
+    }
+
+    fn retry(&self) -> Result<ExponentialRetry, String> {
+        let retry = ExponentialRetry::default()
+            .max_attempts(self.retry_max_attempts)
+            .initial(self.retry_initial_delay)
+            .max_delay(self.retry_max_delay);
+        outbox::RetryStrategy::validate(&retry).map_err(|e| e.to_string())?;
+        Ok(retry)
+    }
+
+    /// The relay's subscriber: every queue of the table, each row's payload
+    /// sent unchanged to its queue's topic (key: the row's partition key;
+    /// headers: the row's and the outbox metadata). A queue without a valid
+    /// topic name is rejected (dead-lettered) with a message saying so.
+    ///
+    /// Register it in an [`outbox::App`] together with a [`Broker`] to relay
+    /// from inside an application.
+    pub fn subscriber(&self) -> Subscriber {
+        let topics = Arc::new(self.topics.clone());
+        let handler = move |env: Arc<Envelope>, _ctx: outbox::Context| {
+            let topic = topics.topic_for(&env.queue);
+            async move {
+                let topic = topic.map_err(HandlerError::reject)?;
+                Ok(Output::none().publish("kafka", &topic, None, env.payload.clone()))
+            }
+        };
+        // A send waits up to the write timeout; the lease must outlive it, or
+        // another worker would take the rows over while they are in flight.
+        let lease = (self.broker.get_write_timeout() * 2 + Duration::from_secs(10))
+            .max(outbox::DEFAULT_LEASE_TTL);
+        let mut sub = Subscriber::new("outbox-relay", handler)
+            .all_queues()
+            .batch_size(self.batch_size)
+            .concurrency(self.concurrency)
+            .workers(self.workers)
+            .lease_ttl(lease)
+            .retry(self.retry().unwrap_or_default());
+        sub = match &self.dlq_table {
+            Some(d) => sub.dlq(d.clone()),
+            None => sub.no_dlq(),
+        };
+        sub
+    }
+}
+
+fn check_database_url(url: &str) -> Result<(), ConfigError> {
+    let scheme = url.split("://").next().unwrap_or("");
+    if !url.contains("://") || !(scheme == "postgres" || scheme == "postgresql") {
+        return Err(ConfigError::invalid(
+            "DATABASE_URL",
+            format!(
+                "{:?} is not a PostgreSQL URL (accepted: postgres://user:password@host:port/database)",
+                redact_userinfo(url)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Connects to `config.database_url` (retrying with backoff while the
+/// database is unreachable, until `shutdown` completes) and runs the relay
+/// until `shutdown` completes, or until the outbox is empty with
+/// [`RelayConfig::exit_when_idle`]. The producer is flushed before it returns.
+pub async fn run_relay(
+    config: RelayConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RelayError> {
+    config.validate()?;
+    let mut shutdown = std::pin::pin!(shutdown);
+    let pool_size = u32::try_from(config.workers * 2 + 3).unwrap_or(32);
+    let redacted = redact_userinfo(&config.database_url);
+    let mut backoff = Duration::from_millis(200);
+    let pool = loop {
+        let connect = PgPoolOptions::new()
+            .max_connections(pool_size)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect(&config.database_url);
+        match connect.await {
+            Ok(pool) => break pool,
+            Err(e) => {
+                tracing::warn!(database = %redacted, retry_in = ?backoff, "cannot connect to the database: {e}");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = &mut shutdown => return Ok(()),
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    };
+    tracing::info!(database = %redacted, "connected to the database");
+    let result = run_relay_on(pool.clone(), config, shutdown).await;
+    pool.close().await;
+    result
+}
+
+/// [`run_relay`] on a pool the caller made.
+pub async fn run_relay_on(
+    pool: PgPool,
+    config: RelayConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RelayError> {
+    config.validate()?;
+    let tables = config.tables()?;
+    if config.migrate {
+        // rustc cannot prove `outbox::migrate`'s future `Send` (its borrows of
+        // a connection are "not general enough"), which would make this whole
+        // future non-`Send` and `tokio::spawn(run_relay_on(..))` impossible.
+        // Driving it on a blocking thread keeps it out of this future.
+        let (p, t) = (pool.clone(), tables.clone());
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || handle.block_on(outbox::migrate(&p, &t)))
+            .await
+            .map_err(|e| outbox::Error::Invalid(format!("migration task failed: {e}")))??;
+        tracing::info!(outbox = %tables.outbox, "migrations applied");
+    }
+    let broker = Broker::new(config.broker.clone())?;
+    tracing::info!(
+        servers = %config.broker.bootstrap_servers(),
+        acks = ?config.broker.get_acks(),
+        idempotent = config.broker.is_idempotent(),
+        asynchronous = config.broker.is_asynchronous(),
+        transactional = config.broker.transactional_id().is_some(),
+        write_timeout = ?config.broker.get_write_timeout(),
+        "relaying {} to Kafka",
+        tables.outbox
+    );
+    let app = outbox::App::manual(pool.clone())
+        .tables(tables.clone())
+        .register(config.subscriber())
+        .broker(broker);
+    let running = app.start().await?;
+    if config.exit_when_idle {
+        let pending_sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM {} WHERE parked_at IS NULL)",
+            tables.outbox.quoted()
+        );
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                _ = tokio::time::sleep(IDLE_CHECK) => {}
+            }
+            match sqlx::query_scalar::<_, bool>(&pending_sql)
+                .fetch_one(&pool)
+                .await
+            {
+                Ok(false) => {
+                    tracing::info!("outbox is empty; stopping (RELAY_EXIT_WHEN_IDLE)");
+                    break;
+                }
+                Ok(true) => {}
+                Err(e) => tracing::warn!("cannot count pending rows: {e}"),
+            }
+        }
+    } else {
+        shutdown.await;
+    }
+    running.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,129 @@
+//! Topic creation through the Kafka admin API.
+
+use crate::broker::LogContext;
+use crate::config::BrokerConfig;
+use crate::error::Error;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::RDKafkaErrorCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// An admin client made from a broker configuration.
+pub(crate) struct Admin {
+    client: Arc<AdminClient<LogContext>>,
+    timeout: Duration,
+}
+
+impl Admin {
+    pub(crate) fn new(config: &BrokerConfig) -> Result<Self, Error> {
+        let client = config
+            .admin_config()
+            .set_log_level(RDKafkaLogLevel::Warning)
+            .create_with_context(LogContext)
+            .map_err(|e| Error::Client(config.redact(&e.to_string())))?;
+        Ok(Self {
+            client: Arc::new(client),
+            timeout: config.get_write_timeout(),
+        })
+    }
+
+    /// Creates the topics (replication factor: the broker's default); an
+    /// existing topic counts as created. One result per topic.
+    pub(crate) async fn create(
+        &self,
+        topics: &[String],
+        partitions: i32,
+    ) -> Vec<(String, Result<(), String>)> {
+        let new: Vec<NewTopic<'_>> = topics
+            .iter()
+            .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(-1)))
+            .collect();
+        let options = AdminOptions::new()
+            .request_timeout(Some(self.timeout))
+            .operation_timeout(Some(self.timeout));
+        match self.client.create_topics(new.iter(), &options).await {
+            Err(e) => topics
+                .iter()
+                .map(|t| (t.clone(), Err(e.to_string())))
+                .collect(),
+            Ok(results) => results
+                .into_iter()
+                .map(|r| match r {
+                    Ok(t) | Err((t, RDKafkaErrorCode::TopicAlreadyExists)) => {
+                        tracing::info!(topic = %t, "kafka topic ready");
+                        (t, Ok(()))
+                    }
+                    Err((t, code)) => (t, Err(code.to_string())),
+                })
+                .collect(),
+        }
+    }
+
+    /// Waits until the broker's metadata shows `topic` with partitions that
+    /// all have a leader.
+    pub(crate) async fn wait_ready(&self, topic: &str) -> Result<(), String> {
+        let deadline = Instant::now() + self.timeout.max(Duration::from_secs(10));
+        loop {
+            let client = self.client.clone();
+            let name = topic.to_owned();
+            let metadata =
+                tokio::task::spawn_blocking(move || {
+                    let m = client
+                        .inner()
+                        .fetch_metadata(Some(&name), Duration::from_secs(2))
+                        .map_err(|e| e.to_string())?;
+                    Ok::<bool, String>(m.topics().iter().find(|t| t.name() == name).is_some_and(
+                        |t| {
+                            t.error().is_none()
+                                && !t.partitions().is_empty()
+                                && t.partitions().iter().all(|p| p.leader() >= 0)
+                        },
+                    ))
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.to_string()));
+            let ready = matches!(metadata, Ok(true));
+            if ready {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(match metadata {
+                    Err(e) => format!("no metadata: {e}"),
+                    Ok(_) => "created, but its partitions have no leader yet".to_owned(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Creates `topic` with `partitions` partitions (-1: the broker's
+/// `num.partitions`; replication factor: the broker's default) unless it
+/// exists, then waits until every partition has a leader, so that the first
+/// message does not race the topic's creation. For examples, tests and
+/// start-up code; the broker itself creates topics only with
+/// [`BrokerConfig::create_topics`].
+///
+/// ```no_run
+/// # async fn f() -> Result<(), outbox_kafka::Error> {
+/// let config = outbox_kafka::BrokerConfig::from_env()?;
+/// outbox_kafka::ensure_topic(&config, "orders.kafka", 3).await?;
+/// # Ok(()) }
+/// ```
+pub async fn ensure_topic(
+    config: &BrokerConfig,
+    topic: &str,
+    partitions: i32,
+) -> Result<(), Error> {
+    config.validate()?;
+    let admin = Admin::new(config)?;
+    let err = |message: String| Error::Topic {
+        topic: topic.to_owned(),
+        message: config.redact(&message),
+    };
+    for (_, result) in admin.create(&[topic.to_owned()], partitions).await {
+        result.map_err(|e| err(format!("cannot create: {e}")))?;
+    }
+    admin.wait_ready(topic).await.map_err(err)
+}

@@ -1,0 +1,250 @@
+//! The `outbox-relay` binary: its help, its exit status for bad settings, and a
+//! real run against PostgreSQL and Kafka (`scripts/services up`).
+
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+use common::{consume_all, create_topic, kafka_brokers, unique_topic, TestDb};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_outbox-relay");
+
+/// Runs the binary with a clean environment plus `vars`.
+fn relay(vars: &[(&str, &str)], args: &[&str]) -> Output {
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .args(args);
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("run outbox-relay")
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn help_lists_every_variable_with_its_default() {
+    let out = relay(&[], &["--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for (name, default, _) in outbox_kafka::relay::RELAY_VARS {
+        assert!(
+            help.contains(&format!("env: {name}")),
+            "{name} missing from:\n{help}"
+        );
+        if let Some(d) = default {
+            assert!(
+                help.contains(&format!("default: {d}")),
+                "default of {name} missing from:\n{help}"
+            );
+        }
+    }
+    assert!(help.contains("KAFKA_PROP_"), "{help}");
+}
+
+#[test]
+fn bad_settings_exit_2_naming_the_variable() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "PUBLISHER_TYPE",
+            "nats",
+            r#"PUBLISHER_TYPE: "nats" is not one of kafka"#,
+        ),
+        (
+            "PUBLISHER_URL",
+            "http://k:9092",
+            "PUBLISHER_URL: scheme must be kafka://",
+        ),
+        (
+            "PUBLISHER_URL",
+            "kafka://k:port",
+            r#"PUBLISHER_URL: port "port""#,
+        ),
+        (
+            "KAFKA_ACKS",
+            "two",
+            r#"KAFKA_ACKS: "two" is not one of all, one, none"#,
+        ),
+        (
+            "KAFKA_BATCH_SIZE",
+            "many",
+            r#"KAFKA_BATCH_SIZE: "many" is not a number"#,
+        ),
+        (
+            "KAFKA_WRITE_TIMEOUT",
+            "10",
+            r#"KAFKA_WRITE_TIMEOUT: "10" is not a duration"#,
+        ),
+        (
+            "KAFKA_WRITE_TIMEOUT",
+            "0ms",
+            "KAFKA_WRITE_TIMEOUT: 0ms is out of range (accepted: 1ms to 1h)",
+        ),
+        (
+            "RELAY_BATCH_SIZE",
+            "0",
+            "RELAY_BATCH_SIZE: 0 is out of range",
+        ),
+        (
+            "RELAY_WORKERS",
+            "x",
+            r#"RELAY_WORKERS: "x" is not a number"#,
+        ),
+        (
+            "RETRY_MAX_ATTEMPTS",
+            "-1",
+            r#"RETRY_MAX_ATTEMPTS: "-1" is not a number"#,
+        ),
+        (
+            "RELAY_EXIT_WHEN_IDLE",
+            "perhaps",
+            r#"RELAY_EXIT_WHEN_IDLE: "perhaps" is not a boolean"#,
+        ),
+        ("OUTBOX_TABLE", "drop table x", "OUTBOX_TABLE: "),
+        (
+            "TOPIC_MAP",
+            "orders",
+            r#"TOPIC_MAP: "orders" is not queue:topic"#,
+        ),
+        ("DATABASE_URL", "mysql://u:pw@h/db", "DATABASE_URL: "),
+        (
+            "LOG_FORMAT",
+            "xml",
+            r#"LOG_FORMAT: "xml" is not one of text, json"#,
+        ),
+    ];
+    for (var, value, expected) in cases {
+        let out = relay(&[(var, value)], &[]);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{var}={value}: {err}");
+        assert!(
+            err.contains(expected),
+            "{var}={value}: expected {expected:?} in {err:?}"
+        );
+    }
+}
+
+#[test]
+fn secrets_stay_out_of_error_messages() {
+    let out = relay(
+        &[
+            ("DATABASE_URL", "mysql://admin:db-secret-pw@h/db"),
+            ("PUBLISHER_URL", "kafka://user:kafka-secret-pw@k:9092"),
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = stderr(&out);
+    assert!(!err.contains("db-secret-pw"), "{err}");
+    let out = relay(
+        &[("PUBLISHER_URL", "kafka://user:kafka-secret-pw@k:port")],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        !stderr(&out).contains("kafka-secret-pw"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_relays_rows_and_exits_when_idle() {
+    let db = TestDb::new().await;
+    let topic = unique_topic("relay-bin");
+    create_topic(&topic, 1).await;
+    // RELAY_MIGRATE creates the tables, so migrate first to publish.
+    outbox::migrate(&db.pool, &outbox::Tables::default())
+        .await
+        .unwrap();
+    let msgs: Vec<outbox::Message> = (0..100)
+        .map(|i| outbox::Message::json("bin.orders", &i).unwrap())
+        .collect();
+    outbox::Outbox::default()
+        .publish_batch(&db.pool, msgs)
+        .await
+        .unwrap();
+    let map = format!("bin.orders:{topic}");
+    let vars = [
+        ("DATABASE_URL", db.url.clone()),
+        ("PUBLISHER_URL", format!("kafka://{}", kafka_brokers())),
+        ("PUBLISHER_TYPE", "kafka".to_owned()),
+        ("TOPIC_MAP", map),
+        ("RELAY_MIGRATE", "true".to_owned()),
+        ("RELAY_EXIT_WHEN_IDLE", "true".to_owned()),
+        ("LOG_FORMAT", "json".to_owned()),
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        relay(&vars, &[])
+    })
+    .await
+    .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let logs = stderr(&out);
+    assert!(
+        logs.lines().any(|l| l.starts_with('{')),
+        "json logs: {logs}"
+    );
+    assert!(
+        !logs.contains(":outbox@"),
+        "the database password leaked: {logs}"
+    );
+    let left: i64 = sqlx::query_scalar("select count(*) from outbox")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    assert_eq!(
+        consume_all(&topic, 100, Duration::from_secs(60))
+            .await
+            .len(),
+        100
+    );
+    db.drop_db().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_binary_with_status_0() {
+    let db = TestDb::new().await;
+    let child = Command::new(BIN)
+        .env("DATABASE_URL", &db.url)
+        .env("KAFKA_BROKERS", kafka_brokers())
+        .env("RELAY_MIGRATE", "true")
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn outbox-relay");
+    // Wait until it runs: the migration creates the outbox table.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ready: bool = sqlx::query_scalar("select to_regclass('outbox') is not null")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        if ready {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the relay did not start");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let logs = stderr(&out);
+    assert_eq!(out.status.code(), Some(0), "{logs}");
+    assert!(logs.contains("SIGTERM"), "{logs}");
+    db.drop_db().await;
+}

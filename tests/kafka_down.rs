@@ -1,0 +1,136 @@
+//! Kafka goes down while rows are pending: nothing is lost.
+//!
+//! This test stops and starts the shared local broker (`scripts/services stop
+//! kafka` / `start kafka`), so it must not run next to any other Kafka test.
+//! It is `#[ignore]`d and run on its own:
+//!
+//! ```text
+//! cargo test --test kafka_down -- --ignored --test-threads=1
+//! ```
+
+mod common;
+
+use common::{consume_all, create_topic, header_value, kafka_brokers, unique_topic, TestDb};
+use outbox::{Message, Outbox, Tables};
+use outbox_kafka::relay::{run_relay_on, RelayConfig};
+use sqlx::PgPool;
+use std::collections::HashSet;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+fn services(action: &str) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/services");
+    let status = Command::new(script)
+        .args([action, "kafka"])
+        .status()
+        .unwrap_or_else(|e| panic!("{script} {action} kafka: {e}"));
+    assert!(status.success(), "{script} {action} kafka failed: {status}");
+}
+
+/// Starts Kafka again if the test fails while it is stopped, so that the
+/// tests after this one find it running.
+struct RestartOnDrop {
+    armed: bool,
+}
+
+impl Drop for RestartOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            eprintln!("kafka_down: restarting Kafka after a failure");
+            services("start");
+        }
+    }
+}
+
+async fn count(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "stops the shared Kafka broker; run alone: cargo test --test kafka_down -- --ignored --test-threads=1"]
+async fn rows_pending_while_kafka_is_down_all_arrive() {
+    const N: usize = 5_000;
+    let db = TestDb::new().await;
+    outbox::migrate(&db.pool, &Tables::default()).await.unwrap();
+    let topic = unique_topic("kafka-down");
+    create_topic(&topic, 3).await;
+    let msgs: Vec<Message> = (0..N)
+        .map(|i| Message::json("down.orders", &i).unwrap())
+        .collect();
+    Outbox::default()
+        .publish_batch(&db.pool, msgs)
+        .await
+        .unwrap();
+
+    services("stop");
+    let mut guard = RestartOnDrop { armed: true };
+
+    let map = format!("down.orders:{topic}");
+    let config = RelayConfig::from_vars([
+        ("KAFKA_BROKERS", kafka_brokers().as_str()),
+        ("TOPIC_MAP", map.as_str()),
+        ("KAFKA_WRITE_TIMEOUT", "3s"),
+        ("RETRY_INITIAL_DELAY", "500ms"),
+        ("RETRY_MAX_DELAY", "3s"),
+        ("RETRY_MAX_ATTEMPTS", "1000"),
+        ("RELAY_EXIT_WHEN_IDLE", "true"),
+    ])
+    .unwrap();
+    let relay = tokio::spawn(run_relay_on(
+        db.pool.clone(),
+        config,
+        std::future::pending(),
+    ));
+
+    // While Kafka is down, sends fail within the write timeout and every row
+    // stays in the outbox, nacked.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count(&db.pool, "select count(*) from outbox where attempts >= 1").await < N as i64 {
+        assert!(
+            Instant::now() < deadline,
+            "rows were not nacked while Kafka was down"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        count(&db.pool, "select count(*) from outbox").await,
+        N as i64
+    );
+    assert_eq!(count(&db.pool, "select count(*) from outbox_dlq").await, 0);
+    let error: String = sqlx::query_scalar("select last_error from outbox limit 1")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    println!("while Kafka was down: {error}");
+    assert!(!relay.is_finished(), "the relay must keep running");
+
+    let restarted = Instant::now();
+    services("start");
+    guard.armed = false;
+
+    tokio::time::timeout(Duration::from_secs(300), relay)
+        .await
+        .expect("the relay did not drain the outbox within 300 s of Kafka's restart")
+        .unwrap()
+        .expect("relay");
+    println!(
+        "drained {N} rows {:.1} s after Kafka was started again",
+        restarted.elapsed().as_secs_f64()
+    );
+    assert_eq!(count(&db.pool, "select count(*) from outbox").await, 0);
+    assert_eq!(count(&db.pool, "select count(*) from outbox_dlq").await, 0);
+
+    let got = consume_all(&topic, N, Duration::from_secs(120)).await;
+    let ids: HashSet<&[u8]> = got
+        .iter()
+        .map(|m| header_value(m, "outbox-id").expect("outbox-id"))
+        .collect();
+    assert_eq!(
+        ids.len(),
+        N,
+        "every row arrived ({} messages read)",
+        got.len()
+    );
+    db.drop_db().await;
+}

@@ -1,0 +1,460 @@
+//! Metrics, health endpoints and log lines of a running app, against a real
+//! PostgreSQL. The Prometheus recorder and the log subscriber are global to
+//! the process, so every assertion on them lives in this one test binary;
+//! each test uses queues of its own, so their figures never mix.
+
+mod common;
+
+use common::TestDb;
+use futures::future::BoxFuture;
+use outbox::metrics::Endpoint;
+use outbox::{
+    App, ConstantRetry, Context, Envelope, HandlerError, Message, NoRetry, Output, Sink, SinkError,
+    Subscriber, Tables,
+};
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A series name, its labels and the value expected for it.
+type Expected<'a> = (&'a str, &'a [(&'a str, &'a str)], f64);
+
+/// Log lines of the whole process, as the text format writes them.
+fn logs() -> &'static Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let writer = buf.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("outbox=debug")
+            .with_ansi(false)
+            .with_target(false)
+            .with_writer(move || LogWriter(writer.clone()))
+            .try_init();
+        buf
+    })
+}
+
+struct LogWriter(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn log_text() -> String {
+    String::from_utf8_lossy(&logs().lock().unwrap()).into_owned()
+}
+
+/// `GET path` over HTTP/1.0: status code and body.
+async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
+    request(addr, &format!("GET {path} HTTP/1.0\r\nHost: test\r\n\r\n")).await
+}
+
+async fn request(addr: SocketAddr, raw: &str) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(raw.as_bytes()).await.unwrap();
+    let mut resp = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut resp))
+        .await
+        .expect("the endpoint answers within 10 s")
+        .unwrap();
+    let resp = String::from_utf8(resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").expect("a full response");
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
+}
+
+/// One sample of the Prometheus text format.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+fn parse(text: &str) -> Vec<Sample> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (series, value) = l.rsplit_once(' ').unwrap();
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => {
+                    let inner = rest.strip_suffix('}').unwrap();
+                    let labels = inner
+                        .split("\",")
+                        .filter(|kv| !kv.is_empty())
+                        .map(|kv| {
+                            let (k, v) = kv.split_once("=\"").unwrap();
+                            (k.to_owned(), v.trim_end_matches('"').to_owned())
+                        })
+                        .collect();
+                    (n.to_owned(), labels)
+                }
+                None => (series.to_owned(), BTreeMap::new()),
+            };
+            Sample {
+                name,
+                labels,
+                value: value.parse().unwrap(),
+            }
+        })
+        .collect()
+}
+
+/// The value of `name` with (at least) these labels, if present.
+fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+}
+
+async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), String>>,
+{
+    let start = Instant::now();
+    loop {
+        match check().await {
+            Ok(()) => return,
+            Err(last) if start.elapsed() > timeout => {
+                panic!("timed out waiting for {what}; last: {last}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
+/// A broker that takes every message after a short pause.
+struct SlowSink;
+
+impl Sink for SlowSink {
+    fn name(&self) -> &str {
+        "fake"
+    }
+    fn send(&self, batch: Vec<outbox::Outgoing>) -> BoxFuture<'_, Vec<Result<(), SinkError>>> {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            batch.iter().map(|_| Ok(())).collect()
+        })
+    }
+}
+
+type Fut = BoxFuture<'static, Result<Output, HandlerError>>;
+
+fn sub(
+    name: &str,
+    queue: &str,
+    f: impl Fn(Arc<Envelope>) -> Result<Output, HandlerError> + Send + Sync + 'static,
+) -> Subscriber {
+    let f = Arc::new(f);
+    Subscriber::new(name, move |env: Arc<Envelope>, _ctx: Context| -> Fut {
+        let r = f(env);
+        Box::pin(async move { r })
+    })
+    .queue(queue)
+    .poll_interval(Duration::from_millis(10), Duration::from_millis(50))
+}
+
+#[tokio::test]
+async fn a_running_app_exports_what_it_does() {
+    logs();
+    let db = TestDb::new().await;
+    outbox::migrate(&db.pool, &Tables::default()).await.unwrap();
+
+    let flaky_calls = Arc::new(AtomicUsize::new(0));
+    let calls = flaky_calls.clone();
+    let app = App::manual(db.pool.clone())
+        .broker(SlowSink)
+        .register(
+            sub("m_ok_handler", "m_ok", |env| {
+                Ok(Output::none().publish("fake", "t", None, env.payload.clone()))
+            })
+            .publisher("fake", "t"),
+        )
+        .register(
+            sub("m_flaky_handler", "m_flaky", move |_| {
+                // Each of the two rows fails once, then succeeds.
+                if calls.fetch_add(1, Ordering::SeqCst) < 2 {
+                    Err(HandlerError::transient("database is busy"))
+                } else {
+                    Ok(Output::none())
+                }
+            })
+            .retry(
+                ConstantRetry::new(Duration::from_millis(100))
+                    .jitter(0.0)
+                    .max_attempts(5),
+            )
+            .concurrency(1)
+            .batch_size(1),
+        )
+        .register(sub("m_bad_handler", "m_bad", |_| {
+            Err(HandlerError::reject("order was cancelled"))
+        }))
+        .register(
+            sub("m_spent_handler", "m_spent", |_| {
+                Err(HandlerError::transient("still down"))
+            })
+            .retry(NoRetry),
+        )
+        .register(
+            sub("m_parked_handler", "m_parked", |_| {
+                Err(HandlerError::reject("no such customer"))
+            })
+            .no_dlq(),
+        )
+        .metrics_endpoint(
+            Endpoint::new("127.0.0.1:0".parse().unwrap())
+                .sample_interval(Duration::from_millis(200)),
+        );
+
+    for i in 0..3 {
+        outbox::publish(&db.pool, "m_ok", &i).await.unwrap();
+    }
+    for i in 0..2 {
+        outbox::publish(&db.pool, "m_flaky", &i).await.unwrap();
+    }
+    outbox::publish(&db.pool, "m_bad", &1).await.unwrap();
+    outbox::publish(&db.pool, "m_spent", &1).await.unwrap();
+    outbox::publish(&db.pool, "m_parked", &1).await.unwrap();
+    for i in 0..2 {
+        Message::json("m_later", &i)
+            .unwrap()
+            .activate_in(Duration::from_secs(3600))
+            .publish(&db.pool)
+            .await
+            .unwrap();
+    }
+
+    let running = app.start().await.unwrap();
+    let addr = running.metrics_addr().expect("metrics are on");
+    assert_ne!(addr.port(), 0);
+
+    let expected: &[Expected] = &[
+        ("outbox_claimed_total", &[("queue", "m_ok")], 3.0),
+        ("outbox_handled_total", &[("queue", "m_ok")], 3.0),
+        ("outbox_claimed_total", &[("queue", "m_flaky")], 4.0),
+        ("outbox_retried_total", &[("queue", "m_flaky")], 2.0),
+        ("outbox_handled_total", &[("queue", "m_flaky")], 2.0),
+        (
+            "outbox_dead_lettered_total",
+            &[("queue", "m_bad"), ("reason", "rejected")],
+            1.0,
+        ),
+        (
+            "outbox_rejected_total",
+            &[("queue", "m_bad"), ("reason", "rejected")],
+            1.0,
+        ),
+        (
+            "outbox_dead_lettered_total",
+            &[("queue", "m_spent"), ("reason", "retries_exhausted")],
+            1.0,
+        ),
+        (
+            "outbox_dead_lettered_total",
+            &[("queue", "m_parked"), ("reason", "rejected")],
+            1.0,
+        ),
+        ("outbox_handler_seconds_count", &[("queue", "m_ok")], 3.0),
+        ("outbox_handler_seconds_count", &[("queue", "m_flaky")], 4.0),
+        ("outbox_in_flight", &[("subscriber", "m_ok_handler")], 0.0),
+        (
+            "outbox_in_flight",
+            &[("subscriber", "m_flaky_handler")],
+            0.0,
+        ),
+        ("outbox_pending_rows", &[("queue", "m_later")], 2.0),
+        ("outbox_parked_rows", &[("queue", "m_parked")], 1.0),
+        ("outbox_dlq_rows", &[("queue", "m_bad")], 1.0),
+        ("outbox_dlq_rows", &[("queue", "m_spent")], 1.0),
+    ];
+    eventually("every figure", Duration::from_secs(30), || async move {
+        let (status, body) = get(addr, "/metrics").await;
+        if status != 200 {
+            return Err(format!("status {status}"));
+        }
+        let samples = parse(&body);
+        for (name, labels, want) in expected {
+            let got = value(&samples, name, labels);
+            if got != Some(*want) {
+                return Err(format!("{name}{labels:?} is {got:?}, expected {want}"));
+            }
+        }
+        Ok(())
+    })
+    .await;
+
+    let (_, body) = get(addr, "/metrics").await;
+    let samples = parse(&body);
+    assert_eq!(
+        value(&samples, "outbox_rejected_total", &[("queue", "m_spent")]),
+        None,
+        "retries_exhausted is not a rejection"
+    );
+    let lag = value(
+        &samples,
+        "outbox_oldest_pending_seconds",
+        &[("queue", "m_later")],
+    )
+    .unwrap();
+    assert!(lag > 0.0 && lag < 600.0, "lag {lag}");
+    let published = value(
+        &samples,
+        "outbox_publish_seconds_count",
+        &[("sink", "fake")],
+    )
+    .unwrap();
+    assert!(published >= 1.0, "one publish per batch: {published}");
+    let publish_time = value(&samples, "outbox_publish_seconds_sum", &[("sink", "fake")]).unwrap();
+    assert!(publish_time >= 0.005 * published, "{publish_time}");
+    assert!(
+        value(
+            &samples,
+            "outbox_handler_seconds_bucket",
+            &[("queue", "m_ok"), ("le", "+Inf")]
+        ) == Some(3.0),
+        "handler times are a histogram with buckets: {body}"
+    );
+    assert!(
+        body.contains("# HELP outbox_oldest_pending_seconds"),
+        "{body}"
+    );
+
+    let (status, body) = get(addr, "/healthz").await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    let (status, body) = get(addr, "/readyz").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("database: ok"), "{body}");
+
+    // Log lines a person can follow.
+    let text = log_text();
+    for want in [
+        "m_ok | received",
+        "m_ok | processed in ",
+        "m_flaky | retry 1/5 in 100ms: database is busy",
+        "m_bad | dead-lettered: rejected: order was cancelled",
+        "m_spent | dead-lettered: retries_exhausted: still down",
+    ] {
+        assert!(text.contains(want), "no {want:?} in the logs:\n{text}");
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.contains("m_ok | received") && l.contains("message{queue=m_ok")),
+        "received is logged inside the message span:\n{text}"
+    );
+
+    // Rows that go away leave zeros behind, not their last figures.
+    sqlx::query("DELETE FROM outbox WHERE queue = 'm_later'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    eventually(
+        "the drained queue to read zero",
+        Duration::from_secs(10),
+        || async move {
+            let (_, body) = get(addr, "/metrics").await;
+            match value(
+                &parse(&body),
+                "outbox_pending_rows",
+                &[("queue", "m_later")],
+            ) {
+                Some(0.0) => Ok(()),
+                v => Err(format!("{v:?}")),
+            }
+        },
+    )
+    .await;
+
+    running.shutdown().await;
+    eventually(
+        "the endpoint to close with the app",
+        Duration::from_secs(5),
+        || async move {
+            match tokio::net::TcpStream::connect(addr).await {
+                Ok(_) => Err("still accepting".into()),
+                Err(_) => Ok(()),
+            }
+        },
+    )
+    .await;
+    db.drop_db().await;
+}
+
+#[tokio::test]
+async fn readiness_reports_failing_checks() {
+    logs();
+    let handle = Endpoint::new("127.0.0.1:0".parse().unwrap())
+        .ready_check("always", || async { Ok::<(), String>(()) })
+        .ready_check("broker", || async {
+            Err::<(), _>("127.0.0.1:9 is unreachable")
+        })
+        .serve()
+        .await
+        .unwrap();
+    let addr = handle.local_addr();
+    let (status, body) = get(addr, "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("always: ok"), "{body}");
+    assert!(
+        body.contains("broker: failed: 127.0.0.1:9 is unreachable"),
+        "{body}"
+    );
+    let (status, _) = get(addr, "/healthz").await;
+    assert_eq!(status, 200, "alive even when not ready");
+    let (status, body) = get(addr, "/nope").await;
+    assert_eq!(status, 404, "{body}");
+    let (status, _) = request(addr, "POST /metrics HTTP/1.0\r\n\r\n").await;
+    assert_eq!(status, 405);
+    outbox::metrics::set_kafka_queue_depth(7);
+    let (status, body) = get(addr, "/metrics?x=1").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        value(&parse(&body), "outbox_kafka_queue_depth", &[]),
+        Some(7.0),
+        "{body}"
+    );
+    handle.stop();
+
+    // A database that does not answer makes the app's check fail.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .acquire_timeout(Duration::from_secs(1))
+        .connect_lazy("postgres://outbox:outbox@127.0.0.1:1/outbox")
+        .unwrap();
+    let handle = Endpoint::new("127.0.0.1:0".parse().unwrap())
+        .database(pool)
+        .serve()
+        .await
+        .unwrap();
+    let (status, body) = get(handle.local_addr(), "/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("database: failed"), "{body}");
+    assert!(!body.contains("outbox:outbox"), "{body}");
+    handle.stop();
+
+    // Settings are checked.
+    let e = Endpoint::new("127.0.0.1:0".parse().unwrap())
+        .sample_interval(Duration::ZERO)
+        .serve()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("accepted: 100 ms to 1 h"), "{e}");
+}

@@ -1,0 +1,6 @@
+#[outbox::subscriber("ticks")]
+async fn tick(meta: outbox::Meta) {
+    let _ = meta;
+}
+
+fn main() {}

@@ -1,0 +1,10 @@
+struct Order {
+    id: i64,
+}
+
+#[outbox::subscriber("orders")]
+async fn handle(order: Order) {
+    let _ = order.id;
+}
+
+fn main() {}

@@ -1,0 +1,6 @@
+#[outbox::publisher("orders.kafka")]
+async fn handle(order_id: i64) -> i64 {
+    order_id
+}
+
+fn main() {}

@@ -1,0 +1,6 @@
+#[outbox::subscriber("names")]
+async fn greet(name: &str) {
+    let _ = name;
+}
+
+fn main() {}
