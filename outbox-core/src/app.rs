@@ -29,7 +29,8 @@ pub struct App {
     pool: PgPool,
     tables: Tables,
     subscribers: Vec<Subscriber>,
-    explicit: Vec<TypeId>,
+    /// The handlers given to [`App::subscriber`]: type id and type name.
+    explicit: Vec<(TypeId, &'static str)>,
     discover: bool,
     sinks: HashMap<String, Arc<dyn Sink>>,
     state: Extensions,
@@ -83,6 +84,10 @@ impl App {
 
     /// Adds a handler annotated with `#[outbox::subscriber]`, by its function name.
     ///
+    /// Anything else (a function without the attribute, a closure) is reported
+    /// by [`App::validate`] and [`App::start`]; build a [`Subscriber`] and use
+    /// [`App::register`] for those.
+    ///
     /// ```no_run
     /// #[outbox::subscriber("orders")]
     /// async fn handle(order_id: i64) {}
@@ -91,7 +96,8 @@ impl App {
     /// # }
     /// ```
     pub fn subscriber<F: 'static>(mut self, _handler: F) -> Self {
-        self.explicit.push(TypeId::of::<F>());
+        self.explicit
+            .push((TypeId::of::<F>(), std::any::type_name::<F>()));
         self
     }
 
@@ -156,7 +162,8 @@ impl App {
         let mut seen = HashSet::new();
         for reg in inventory::iter::<crate::__private::Registration> {
             let tid = (reg.type_id)();
-            if (self.discover || self.explicit.contains(&tid)) && seen.insert(tid) {
+            let named = self.explicit.iter().any(|(t, _)| *t == tid);
+            if (self.discover || named) && seen.insert(tid) {
                 subs.push((reg.build)());
             }
         }
@@ -184,8 +191,28 @@ impl App {
         self.check(&self.subscribers()).map_err(Error::Config)
     }
 
+    /// The values given to [`App::subscriber`] that are not annotated handlers.
+    fn unregistered(&self) -> Vec<&'static str> {
+        let known: HashSet<TypeId> = inventory::iter::<crate::__private::Registration>
+            .into_iter()
+            .map(|reg| (reg.type_id)())
+            .collect();
+        let mut seen = HashSet::new();
+        self.explicit
+            .iter()
+            .filter(|(tid, _)| !known.contains(tid) && seen.insert(*tid))
+            .map(|(_, name)| *name)
+            .collect()
+    }
+
     fn check(&self, subs: &[Subscriber]) -> Result<(), ConfigErrors> {
         let mut e = ConfigErrors::new();
+        for name in self.unregistered() {
+            e.push(format!(
+                "App::subscriber was given `{name}`, which is not a handler annotated with #[outbox::subscriber]; \
+                 annotate it, or build an outbox::Subscriber and add it with App::register"
+            ));
+        }
         if subs.is_empty() {
             e.push(
                 "no subscribers: annotate a handler with #[outbox::subscriber], or register one; \

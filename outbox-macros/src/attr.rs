@@ -638,3 +638,372 @@ mod tests {
         assert!(msg(quote!("a", lease_ttl)).contains("needs a value"));
     }
 }
+
+/// Property tests of the parser: option order does not matter, durations
+/// round-trip, and no input makes it panic.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+    use quote::ToTokens;
+    use std::str::FromStr;
+
+    /// What a subscriber attribute says, in plain values.
+    #[derive(Debug, Clone, Default, PartialEq, Eq)]
+    struct Settings {
+        queues: Vec<String>,
+        name: Option<String>,
+        concurrency: Option<usize>,
+        workers: Option<usize>,
+        batch_size: Option<usize>,
+        lease_ttl_ms: Option<u64>,
+        /// The retry expression, as normalised tokens.
+        retry: Option<String>,
+        /// `Some(None)` is `no_dlq`.
+        dlq: Option<Option<String>>,
+        ack: Option<Ack>,
+        ordered: Option<bool>,
+    }
+
+    fn int(lit: &Option<LitInt>) -> Option<usize> {
+        lit.as_ref().map(|l| l.base10_parse().unwrap())
+    }
+
+    fn settings_of(a: &SubscriberArgs) -> Settings {
+        Settings {
+            queues: a.queues.iter().map(LitStr::value).collect(),
+            name: a.name.as_ref().map(LitStr::value),
+            concurrency: int(&a.concurrency),
+            workers: int(&a.workers),
+            batch_size: int(&a.batch_size),
+            lease_ttl_ms: a.lease_ttl.as_ref().map(|(_, ms)| *ms),
+            retry: a.retry.as_ref().map(|e| e.to_token_stream().to_string()),
+            dlq: a.dlq.as_ref().map(|d| match d {
+                Dlq::Table(t) => Some(t.value()),
+                Dlq::None => None,
+            }),
+            ack: a.ack.as_ref().map(|w| w.value),
+            ordered: a.ordered,
+        }
+    }
+
+    fn normalise_expr(text: &str) -> String {
+        syn::parse_str::<Expr>(text)
+            .unwrap()
+            .to_token_stream()
+            .to_string()
+    }
+
+    fn parse_text(text: &str) -> syn::Result<SubscriberArgs> {
+        let tokens = TokenStream::from_str(text).expect("the test input tokenizes");
+        SubscriberArgs::parse(tokens, Span::call_site())
+    }
+
+    /// The attribute arguments that say `s`: queues first, then one entry per
+    /// option. `lease` is how the lease is written (number, unit); `bare` writes
+    /// `ordered = true` as just `ordered`.
+    fn render(s: &Settings, lease: Option<(u64, &str)>, bare: bool) -> (Vec<String>, Vec<String>) {
+        let queues = s.queues.iter().map(|q| format!("{q:?}")).collect();
+        let mut opts = Vec::new();
+        if let Some(n) = &s.name {
+            opts.push(format!("name = {n:?}"));
+        }
+        for (key, v) in [
+            ("concurrency", s.concurrency),
+            ("workers", s.workers),
+            ("batch_size", s.batch_size),
+        ] {
+            if let Some(v) = v {
+                opts.push(format!("{key} = {v}"));
+            }
+        }
+        if let Some((n, unit)) = lease {
+            opts.push(format!("lease_ttl = \"{n}{unit}\""));
+        }
+        if let Some(r) = &s.retry {
+            opts.push(format!("retry = {r}"));
+        }
+        match &s.dlq {
+            Some(Some(t)) => opts.push(format!("dlq = {t:?}")),
+            Some(None) => opts.push("no_dlq".to_owned()),
+            None => {}
+        }
+        if let Some(ack) = s.ack {
+            let v = match ack {
+                Ack::Nack => "nack",
+                Ack::Reject => "reject",
+                Ack::Manual => "manual",
+            };
+            opts.push(format!("ack = {v:?}"));
+        }
+        match s.ordered {
+            Some(true) if bare => opts.push("ordered".to_owned()),
+            Some(o) => opts.push(format!("ordered = {o}")),
+            None => {}
+        }
+        (queues, opts)
+    }
+
+    const UNITS: [(&str, u64); 4] = [("ms", 1), ("s", 1_000), ("m", 60_000), ("h", 3_600_000)];
+
+    const RETRIES: [&str; 3] = [
+        "outbox::NoRetry",
+        "outbox::ConstantRetry::new(std::time::Duration::from_secs(5))",
+        "outbox::ExponentialRetry::default().max_attempts(3)",
+    ];
+
+    /// Valid settings, with how to write the lease and `ordered`.
+    fn valid() -> impl Strategy<Value = (Settings, Option<(u64, &'static str)>, bool)> {
+        let queues = prop::collection::btree_set("\\PC{1,20}", 1..4)
+            .prop_map(|set| set.into_iter().collect::<Vec<_>>());
+        let count = || prop::option::of(1usize..=100_000);
+        let dlq = prop_oneof![
+            Just(None),
+            Just(Some(None)),
+            "[a-z_][a-z0-9_]{0,20}".prop_map(|t| Some(Some(t))),
+        ];
+        let ack = prop::option::of(prop::sample::select(vec![
+            Ack::Nack,
+            Ack::Reject,
+            Ack::Manual,
+        ]));
+        let lease = prop::option::of((1u64..=100_000, prop::sample::select(UNITS.to_vec())));
+        (
+            queues,
+            prop::option::of("[a-z][a-z0-9_ ]{0,15}"),
+            (count(), count(), count()),
+            lease,
+            prop::option::of(prop::sample::select(RETRIES.to_vec())),
+            dlq,
+            ack,
+            prop::option::of(any::<bool>()),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(
+                    queues,
+                    name,
+                    (concurrency, workers, batch_size),
+                    lease,
+                    retry,
+                    dlq,
+                    ack,
+                    ordered,
+                    bare,
+                )| {
+                    let settings = Settings {
+                        queues,
+                        name,
+                        concurrency,
+                        workers,
+                        batch_size,
+                        lease_ttl_ms: lease.map(|(n, (_, f))| n * f),
+                        retry: retry.map(normalise_expr),
+                        dlq,
+                        ack,
+                        ordered,
+                    };
+                    let lease = lease.map(|(n, (unit, _))| (n, unit));
+                    (settings, lease, bare)
+                },
+            )
+    }
+
+    /// Valid settings, their queues, and their options in a random order.
+    fn shuffled() -> impl Strategy<Value = (Settings, Vec<String>, Vec<String>)> {
+        valid().prop_flat_map(|(settings, lease, bare)| {
+            let (queues, opts) = render(&settings, lease, bare);
+            (Just(settings), Just(queues), Just(opts).prop_shuffle())
+        })
+    }
+
+    /// Tokens a careless or hostile user might put in an attribute.
+    const SOUP: &[&str] = &[
+        "\"orders\"",
+        "\"\"",
+        "\"a\\nb\"",
+        "\"30s\"",
+        "\"0s\"",
+        "\"manual\"",
+        ",",
+        ",",
+        "=",
+        "=",
+        "name",
+        "concurrency",
+        "workers",
+        "batch_size",
+        "lease_ttl",
+        "retry",
+        "dlq",
+        "no_dlq",
+        "ack",
+        "ordered",
+        "queue",
+        "concurency",
+        "0",
+        "1",
+        "10usize",
+        "5u8",
+        "-1",
+        "1.5",
+        "99999999999999999999999",
+        "true",
+        "false",
+        "foo",
+        "::",
+        "outbox::NoRetry",
+        "(1)",
+        "[2, 3]",
+        "{}",
+        "'c'",
+        "#",
+        ";",
+        "r#type",
+        "b\"x\"",
+        "|x| x",
+        "..",
+        "&",
+        "'a",
+    ];
+
+    proptest! {
+        #[test]
+        fn option_order_does_not_change_the_settings((settings, queues, opts) in shuffled()) {
+            let text = queues.iter().chain(&opts).cloned().collect::<Vec<_>>().join(", ");
+            let args = parse_text(&text).map_err(|e| TestCaseError::fail(format!("{text}: {e}")))?;
+            prop_assert_eq!(settings_of(&args), settings);
+        }
+
+        #[test]
+        fn a_trailing_comma_changes_nothing((settings, queues, opts) in shuffled()) {
+            let text = queues.iter().chain(&opts).cloned().collect::<Vec<_>>().join(", ") + ",";
+            let args = parse_text(&text).map_err(|e| TestCaseError::fail(format!("{text}: {e}")))?;
+            prop_assert_eq!(settings_of(&args), settings);
+        }
+
+        #[test]
+        fn an_option_given_twice_is_an_error(
+            (_, queues, opts) in shuffled(),
+            pick in any::<prop::sample::Index>(),
+        ) {
+            prop_assume!(!opts.is_empty());
+            let again = opts[pick.index(opts.len())].clone();
+            let text = queues.iter().chain(&opts).chain([&again]).cloned().collect::<Vec<_>>().join(", ");
+            let err = parse_text(&text).err().ok_or_else(|| TestCaseError::fail(format!("accepted: {text}")))?;
+            prop_assert!(err.to_string().contains("duplicate option"), "{}: {}", text, err);
+        }
+
+        #[test]
+        fn options_before_a_queue_are_an_error((_, queues, opts) in shuffled()) {
+            prop_assume!(!opts.is_empty());
+            let text = opts.iter().chain(&queues).cloned().collect::<Vec<_>>().join(", ");
+            prop_assert!(parse_text(&text).is_err(), "accepted: {}", text);
+        }
+
+        #[test]
+        fn durations_round_trip(
+            n in 1u64..=1_000_000_000,
+            (unit, factor) in prop::sample::select(UNITS.to_vec()),
+            before in " {0,2}",
+            between in " {0,2}",
+            after in " {0,2}",
+        ) {
+            let ms = n * factor;
+            prop_assert_eq!(parse_duration_ms(&format!("{before}{n}{between}{unit}{after}")), Ok(ms));
+            prop_assert_eq!(parse_duration_ms(&format!("{ms}ms")), Ok(ms));
+            if ms % factor == 0 {
+                prop_assert_eq!(parse_duration_ms(&format!("{}{unit}", ms / factor)), Ok(ms));
+            }
+        }
+
+        #[test]
+        fn durations_too_long_or_zero_are_errors(
+            (unit, factor) in prop::sample::select(UNITS.to_vec()),
+            over in 1u64..=1_000,
+        ) {
+            // Fits in a u64, but not once multiplied by the unit (every unit but ms).
+            if let Some(n) = (u64::MAX / factor).checked_add(over).filter(|_| factor > 1) {
+                let err = parse_duration_ms(&format!("{n}{unit}")).unwrap_err();
+                prop_assert!(err.contains("too long"), "{}", err);
+            }
+            let zero = parse_duration_ms(&format!("0{unit}")).unwrap_err();
+            prop_assert!(zero.contains("zero"), "{}", zero);
+        }
+
+        #[test]
+        fn only_the_documented_duration_grammar_is_accepted(text in "\\PC{0,12}|[0-9 ]{0,6}(ms|s|m|h|sec|us|M)? ?") {
+            let grammar = regex_like_duration(&text);
+            match parse_duration_ms(&text) {
+                Ok(ms) => {
+                    prop_assert!(ms > 0);
+                    prop_assert!(grammar, "{:?} accepted", text);
+                }
+                Err(msg) => prop_assert!(!msg.is_empty()),
+            }
+        }
+
+        #[test]
+        fn topics_follow_kafkas_rule(topic in "[A-Za-z0-9._-]{0,3}|[A-Za-z0-9._-]{245,252}|\\PC{0,10}") {
+            let legal = (1..=249).contains(&topic.chars().count())
+                && topic.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+                && topic != "."
+                && topic != "..";
+            prop_assert_eq!(check_topic(&topic).is_ok(), legal, "{:?}", topic);
+        }
+
+        #[test]
+        fn random_text_never_panics(text in "\\PC{0,60}") {
+            if let Ok(tokens) = TokenStream::from_str(&text) {
+                check_garbage(&text, tokens)?;
+            }
+        }
+
+        #[test]
+        fn random_tokens_never_panic(words in prop::collection::vec(prop::sample::select(SOUP.to_vec()), 0..12)) {
+            let text = words.join(" ");
+            let tokens = TokenStream::from_str(&text).expect("the soup tokenizes");
+            check_garbage(&text, tokens)?;
+        }
+    }
+
+    fn starts_with_str_literal(text: &str) -> bool {
+        let t = text.trim_start();
+        t.starts_with('"') || t.starts_with("r\"") || t.starts_with("r#")
+    }
+
+    /// A whole number, optional spaces, and a unit: what the docs promise.
+    fn regex_like_duration(text: &str) -> bool {
+        let t = text.trim();
+        let digits = t.chars().take_while(char::is_ascii_digit).count();
+        digits > 0 && matches!(t[digits..].trim_start(), "ms" | "s" | "m" | "h")
+    }
+
+    /// Whatever `tokens` hold, parsing returns (no panic); what it accepts is
+    /// well-formed, and what it rejects comes with a message.
+    fn check_garbage(text: &str, tokens: TokenStream) -> Result<(), TestCaseError> {
+        match SubscriberArgs::parse(tokens.clone(), Span::call_site()) {
+            Ok(args) => {
+                prop_assert!(!args.queues.is_empty(), "no queue: {}", text);
+                prop_assert!(
+                    starts_with_str_literal(text),
+                    "accepted without a leading queue: {}",
+                    text
+                );
+                for q in &args.queues {
+                    prop_assert!(check_queue(&q.value()).is_ok());
+                }
+                let mut names: Vec<String> = args.queues.iter().map(LitStr::value).collect();
+                names.sort();
+                names.dedup();
+                prop_assert_eq!(names.len(), args.queues.len(), "a queue twice: {}", text);
+            }
+            Err(e) => prop_assert!(!e.to_string().is_empty()),
+        }
+        match PublisherArgs::parse(tokens, Span::call_site()) {
+            Ok(p) => prop_assert!(check_topic(&p.topic.value()).is_ok(), "{}", text),
+            Err(e) => prop_assert!(!e.to_string().is_empty()),
+        }
+        Ok(())
+    }
+}
