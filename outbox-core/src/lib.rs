@@ -193,6 +193,34 @@ pub mod __private {
         }
     }
 
+    /// Looks at a handler's return type: see [`PlainValue`].
+    pub struct ReturnProbe<T>(std::marker::PhantomData<T>);
+
+    /// Starts the check of a handler's return type (generated code calls this).
+    pub fn probe_return<T>(_: &T) -> ReturnProbe<T> {
+        ReturnProbe(std::marker::PhantomData)
+    }
+
+    /// What a handler returns when its `Result` was spelled with an alias whose
+    /// name is not `Result`: the compile error names this type, which says the fix.
+    #[derive(Debug)]
+    pub struct ReturnTypeIsAResultAliasNameItResultOrWriteResultTE;
+
+    impl<T, E> ReturnProbe<Result<T, E>> {
+        /// Inherent, so it wins over [`PlainValue::check`] for a `Result`.
+        pub fn check(&self) -> ReturnTypeIsAResultAliasNameItResultOrWriteResultTE {
+            ReturnTypeIsAResultAliasNameItResultOrWriteResultTE
+        }
+    }
+
+    /// The check for every return type that is not a `Result`.
+    pub trait PlainValue {
+        /// Returns `()`: the return type is a plain value.
+        fn check(&self) {}
+    }
+
+    impl<T> PlainValue for ReturnProbe<T> {}
+
     /// Decodes the payload argument (generated code calls this).
     pub fn decode<T: FromPayload>(env: &Envelope) -> Result<T, HandlerError> {
         T::from_payload(env)

@@ -237,7 +237,26 @@ fn emit(func: &ItemFn, parsed: &Parsed) -> TokenStream {
                 },
             ))
         }
-        Return::Value { span } => Some((span, quote! { let __outbox_value = __outbox_ret; })),
+        Return::Value { span } => {
+            // A `Result` under an alias of another name looks like a plain value
+            // here; its `Err` would count as success. Refuse it at compile time.
+            let check = quote_spanned! {span=>
+                let () = ::outbox::__private::probe_return(&__outbox_ret).check();
+            };
+            let check = quote! {
+                {
+                    use ::outbox::__private::PlainValue as _;
+                    #check
+                }
+            };
+            Some((
+                span,
+                quote! {
+                    #check
+                    let __outbox_value = __outbox_ret;
+                },
+            ))
+        }
     };
 
     let finish = match (value, publishers.is_empty()) {

@@ -33,7 +33,7 @@ pub(crate) struct Arg {
 pub(crate) enum Return {
     /// Nothing (`()` or no return type): nothing to publish.
     Unit,
-    /// `Result<T, E>` (any path ending in `Result`): `Err` fails the row, `Ok`
+    /// `Result<T, E>` (any path whose last segment is `Result`): `Err` fails the row, `Ok`
     /// is published. `unit_ok` when `T` is written `()`.
     Result { span: Span, unit_ok: bool },
     /// Any other type: the value is published.
@@ -214,7 +214,7 @@ fn return_kind(ty: &Type) -> syn::Result<Return> {
         ),
         Type::Path(p) if p.qself.is_none() => {
             let last = p.path.segments.last().expect("a path has a segment");
-            if last.ident.to_string().ends_with("Result") {
+            if last.ident == "Result" {
                 let ok = match &last.arguments {
                     PathArguments::AngleBracketed(a) => a.args.iter().find_map(|g| match g {
                         GenericArgument::Type(t) => Some(t),

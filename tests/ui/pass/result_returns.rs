@@ -17,7 +17,16 @@ impl std::fmt::Display for MyError {
 
 impl std::error::Error for MyError {}
 
-type MyResult<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+/// An application's own `Result` alias, as `anyhow::Result` or `std::io::Result`.
+mod app {
+    pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+}
+
+/// A return type whose name ends in `Result` but is a plain value.
+#[derive(serde::Serialize)]
+struct SearchResult {
+    hits: Vec<i64>,
+}
 
 #[outbox::subscriber("a")]
 async fn plain(order: Order) -> Result<(), HandlerError> {
@@ -56,8 +65,16 @@ async fn custom_error(order: Order) -> Result<i64, MyError> {
 
 #[outbox::publisher("f.out")]
 #[outbox::subscriber("f")]
-async fn alias(order: Order) -> MyResult<Vec<i64>> {
+async fn alias(order: Order) -> app::Result<Vec<i64>> {
     Ok(vec![order.id])
+}
+
+#[outbox::publisher("h.out")]
+#[outbox::subscriber("h")]
+async fn search(order: Order) -> SearchResult {
+    SearchResult {
+        hits: vec![order.id],
+    }
 }
 
 #[outbox::subscriber("g")]
@@ -73,6 +90,7 @@ fn main() {
         std_error::subscriber(),
         custom_error::subscriber(),
         alias::subscriber(),
+        search::subscriber(),
         value_without_publisher::subscriber(),
     ] {
         sub.validate().unwrap();
