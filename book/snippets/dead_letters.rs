@@ -64,3 +64,12 @@ async fn post_to_ledger(entry: serde_json::Value) -> Result<(), outbox::HandlerE
     Ok(())
 }
 // ANCHOR_END: no_dlq
+
+#[test]
+fn failure_reasons_as_stored() {
+    use outbox::FailureReason;
+    assert_eq!(FailureReason::Deserialize.as_str(), "deserialize");
+    assert_eq!(FailureReason::Rejected.as_str(), "rejected");
+    assert_eq!(FailureReason::RetriesExhausted.as_str(), "retries_exhausted");
+    assert_eq!(FailureReason::PublishRejected.as_str(), "publish_rejected");
+}

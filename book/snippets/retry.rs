@@ -81,3 +81,68 @@ fn default_schedule() {
     assert_eq!(delay(10), None); // the 10th failure is final
     // ANCHOR_END: schedule
 }
+
+#[test]
+fn default_schedule_in_full() {
+    // Attempts 1 to 9 are followed by 1 s, 2 s, 4 s, ... 256 s; the 300 s cap
+    // is not reached within the default 10 attempts.
+    let r = ExponentialRetry::default().jitter(0.0);
+    let err = HandlerError::transient("down");
+    let secs: Vec<u64> = (1..=10)
+        .filter_map(|a| r.next_delay(&Failure::new(a, Duration::ZERO, &err)))
+        .map(|d| d.as_secs())
+        .collect();
+    assert_eq!(secs, [1, 2, 4, 8, 16, 32, 64, 128, 256]);
+    assert_eq!(RetryStrategy::max_attempts(&r), Some(10));
+    // With more attempts, the cap holds every later delay at 300 s.
+    let longer = ExponentialRetry::default().jitter(0.0).max_attempts(20);
+    assert_eq!(r.base_delay(10), Duration::from_secs(300));
+    assert_eq!(
+        longer.next_delay(&Failure::new(15, Duration::ZERO, &err)),
+        Some(Duration::from_secs(300))
+    );
+}
+
+#[test]
+fn jitter_stays_within_twenty_percent() {
+    let r = ExponentialRetry::default();
+    let err = HandlerError::transient("down");
+    for attempt in 1..=9u32 {
+        let base = Duration::from_secs(1 << (attempt - 1));
+        for _ in 0..200 {
+            let d = r
+                .next_delay(&Failure::new(attempt, Duration::ZERO, &err))
+                .unwrap();
+            assert!(d >= base.mul_f64(0.8) && d <= base.mul_f64(1.2), "{d:?} for {base:?}");
+        }
+    }
+}
+
+#[test]
+fn limits_and_retry_if() {
+    let err = HandlerError::transient("connection timed out");
+    let other = HandlerError::transient("bad data");
+    // max_total_delay: counted from the first delivery, delay included.
+    let capped = ConstantRetry::new(Duration::from_secs(60))
+        .jitter(0.0)
+        .max_total_delay(Duration::from_secs(600));
+    assert!(capped
+        .next_delay(&Failure::new(2, Duration::from_secs(540), &err))
+        .is_some());
+    assert!(capped
+        .next_delay(&Failure::new(2, Duration::from_secs(541), &err))
+        .is_none());
+    // retry_if: an error the predicate refuses is final at once.
+    let r = retry_if();
+    assert!(r.next_delay(&Failure::new(1, Duration::ZERO, &err)).is_some());
+    assert!(r.next_delay(&Failure::new(1, Duration::ZERO, &other)).is_none());
+    // Defaults of the other strategies.
+    let lin = LinearRetry::default();
+    assert_eq!(lin.base_delay(1), Duration::from_secs(1));
+    assert_eq!(lin.base_delay(5), Duration::from_secs(5));
+    assert_eq!(lin.base_delay(100), Duration::from_secs(60));
+    assert_eq!(RetryStrategy::max_attempts(&NoRetry), Some(1));
+    // Invalid settings name themselves.
+    let e = ExponentialRetry::default().multiplier(0.5).validate().unwrap_err();
+    assert!(e.to_string().contains("multiplier is 0.5, accepted: from 1.0 to 1000.0"));
+}

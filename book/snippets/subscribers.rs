@@ -153,3 +153,90 @@ async fn with_plain(pool: PgPool) -> Result<(), outbox::Error> {
         .await
 }
 // ANCHOR_END: plain
+
+// ANCHOR: tuned
+async fn tuned(pool: PgPool, workers: usize) -> Result<(), outbox::Error> {
+    // The settings the attribute wrote, changed at run time (from configuration, say).
+    outbox::App::manual(pool)
+        .register(refund::subscriber().workers(workers).batch_size(20))
+        .run_until_signal()
+        .await
+}
+// ANCHOR_END: tuned
+
+// ANCHOR: library
+// In the binary: the handlers of the library crate `outbox_handlers_lib` are
+// registered only if the linker keeps that crate. A binary that names nothing
+// from it must say so, or App::new finds none of its handlers.
+use outbox_handlers_lib as _;
+// ANCHOR_END: library
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pool that never connects: `App::subscribers` and `App::validate` read no table.
+    fn lazy_pool() -> PgPool {
+        PgPool::connect_lazy("postgres://outbox:outbox@127.0.0.1:5432/outbox").unwrap()
+    }
+
+    #[tokio::test]
+    async fn app_new_finds_the_handlers_of_the_binary_and_of_linked_libraries() {
+        let names: Vec<String> = outbox::App::new(lazy_pool())
+            .subscribers()
+            .iter()
+            .map(|s| s.name().to_owned())
+            .collect();
+        for name in ["refunds", "welcome", "deliver", "accept", "invoice", "forward"] {
+            assert!(names.iter().any(|n| n == name), "{name} missing in {names:?}");
+        }
+        // From the library crate, thanks to `use outbox_handlers_lib as _;`.
+        for name in ["greet", "count_words"] {
+            assert!(names.iter().any(|n| n == name), "{name} missing in {names:?}");
+        }
+        // The plain subscriber is not an annotated handler: only App::register adds it.
+        assert!(!names.iter().any(|n| n == "audit"));
+    }
+
+    #[tokio::test]
+    async fn app_manual_runs_only_what_it_is_given() {
+        let subs = outbox::App::manual(lazy_pool())
+            .subscriber(accept)
+            .subscriber(refund)
+            .subscribers();
+        let mut names: Vec<&str> = subs.iter().map(|s| s.name()).collect();
+        names.sort();
+        assert_eq!(names, ["accept", "refunds"]);
+    }
+
+    #[test]
+    fn the_attribute_sets_the_subscriber() {
+        let sub = refund::subscriber();
+        assert_eq!(sub.name(), "refunds");
+        assert_eq!(
+            sub.queues(),
+            &outbox::Queues::Named(vec!["refunds".into(), "refunds.priority".into()])
+        );
+        let invoice = invoice::subscriber();
+        let topics: Vec<&str> = invoice
+            .publishers()
+            .iter()
+            .map(|p| p.topic.as_str())
+            .collect();
+        assert_eq!(topics.len(), 2);
+        assert!(topics.contains(&"invoices.v1") && topics.contains(&"audit"));
+    }
+
+    #[tokio::test]
+    async fn every_problem_is_reported_at_once() {
+        // ANCHOR: validate
+        // Three handlers publish to Kafka (one of them to two topics), but no
+        // broker was added: validate() lists all four problems in one error.
+        let err = outbox::App::new(lazy_pool()).validate().unwrap_err().to_string();
+        assert!(err.starts_with("invalid configuration (4 problems):"), "{err}");
+        assert!(err.contains(
+            "publishes to kafka topic \"orders.accepted\" but no kafka broker is configured"
+        ));
+        // ANCHOR_END: validate
+    }
+}
