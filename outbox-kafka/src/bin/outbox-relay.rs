@@ -6,8 +6,9 @@
 //! failure such as a missing table.
 
 use clap::Parser;
-use outbox_kafka::relay::{run_relay, LogFormat, RelayConfig};
+use outbox_kafka::relay::{run_relay, LogFormat, RelayConfig, RelayError};
 use std::process::ExitCode;
+use std::str::FromStr;
 
 /// Forwards every row of a PostgreSQL outbox table to Kafka, the queue naming
 /// the topic. Every option can be given as the environment variable shown.
@@ -46,7 +47,7 @@ struct Args {
     /// Messages per produce request (librdkafka batch.num.messages) [default: librdkafka's].
     #[arg(long, env = "KAFKA_BATCH_SIZE")]
     kafka_batch_size: Option<String>,
-    /// Time to fill a produce request (linger.ms), e.g. 5ms [default: librdkafka's].
+    /// Time to fill a produce request (linger.ms), e.g. 5ms [default: 0ms: each claimed batch is sent whole].
     #[arg(long, env = "KAFKA_LINGER")]
     kafka_linger: Option<String>,
     /// Compression: none, gzip, snappy, lz4, zstd.
@@ -167,6 +168,38 @@ fn init_logging(format: LogFormat, filter: &str) -> Result<(), String> {
     result.map_err(|e| format!("cannot set up logging: {e}"))
 }
 
+/// Refuses a `DATABASE_URL` that sqlx cannot parse (a bad port, an unclosed
+/// IPv6 bracket, an unknown `sslmode`, ...): retrying the connection could
+/// never help, so it is an invalid setting rather than a database that is down.
+fn check_database_url(url: &str) -> Result<(), String> {
+    sqlx::postgres::PgConnectOptions::from_str(url)
+        .map(|_| ())
+        .map_err(|e| {
+            format!(
+                "DATABASE_URL: {:?} is not a valid PostgreSQL URL: {e} (accepted: \
+                 postgres://user:password@host:port/database?param=value)",
+                outbox_kafka::redact_userinfo(url)
+            )
+        })
+}
+
+/// A setting librdkafka refused (`KAFKA_PROP_*` with an unknown key or a bad
+/// value): the message with the variable that set it, when it can be told.
+fn librdkafka_refusal(e: &RelayError) -> Option<String> {
+    let RelayError::Broker(outbox_kafka::Error::Client(message)) = e else {
+        return None;
+    };
+    let var = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter_map(|k| {
+            let key = outbox_kafka::prop_key(k.strip_prefix(outbox_kafka::PROP_PREFIX)?);
+            message.contains(&format!("\"{key}\"")).then_some(k)
+        })
+        .next()
+        .unwrap_or_else(|| format!("{}*", outbox_kafka::PROP_PREFIX));
+    Some(format!("{var}: {e}"))
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     let filter = args.rust_log.clone();
@@ -177,6 +210,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Err(e) = check_database_url(&config.database_url) {
+        eprintln!("outbox-relay: {e}");
+        return ExitCode::from(2);
+    }
     if let Err(e) = init_logging(config.log_format, &filter) {
         eprintln!("outbox-relay: {e}");
         return ExitCode::from(2);
@@ -194,6 +231,11 @@ fn main() -> ExitCode {
     match runtime.block_on(run_relay(config, outbox::shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            if let Some(refusal) = librdkafka_refusal(&e) {
+                tracing::error!("{refusal}");
+                eprintln!("outbox-relay: {refusal}");
+                return ExitCode::from(2);
+            }
             tracing::error!("{e}");
             eprintln!("outbox-relay: {e}");
             if e.is_config() {
