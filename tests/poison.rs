@@ -174,15 +174,9 @@ async fn a_panicking_handler_is_retried_then_dead_lettered_and_the_app_keeps_run
 }
 
 /// A closure handler that panics while it makes its future (before the first
-/// poll), rather than inside it.
-///
-/// Ignored: it finds a bug. `Runtime::process` (outbox-core/src/runtime.rs)
-/// calls `handler.call(..)` outside `catch_unwind`, so the panic unwinds through
-/// the worker task: the worker dies, its claimed batch is never settled (the
-/// rows wait for their lease to expire) and the subscriber claims nothing any
-/// more, silently, while the app keeps "running". Run with `--ignored`.
+/// poll), rather than inside it: the panic is caught like one inside the
+/// future, the row is retried then dead-lettered, and the worker lives on.
 #[tokio::test]
-#[ignore = "bug: a panic in Handler::call (before the future) kills the worker; see the doc comment"]
 async fn a_handler_panicking_before_its_future_does_not_stop_the_subscriber() {
     let db = setup().await;
     let pool = &db.pool;
@@ -396,5 +390,89 @@ async fn hostile_payloads_end_handled_or_dead_lettered_and_the_app_keeps_running
     .await;
     assert_eq!(count(pool, "select count(*) from outbox_dlq").await, 3);
     running.shutdown().await;
+    db.drop_db().await;
+}
+
+/// Manual acknowledgement that never settles for good: a handler that always
+/// nacks with its own delay, and one that returns without deciding. Both
+/// count attempts and end in the DLQ when the retry budget is spent (neither
+/// loops forever); a handler that acks and then returns `Err` has its row
+/// deleted, not retried.
+#[tokio::test]
+async fn manual_ack_decisions_are_bounded_by_the_retry_budget() {
+    use outbox::{AckPolicy, FromContext};
+    let db = setup().await;
+    let pool = &db.pool;
+    let nack_id = outbox::publish(pool, "manual", &"nack").await.unwrap();
+    let silent_id = outbox::publish(pool, "manual", &"silent").await.unwrap();
+    let acked_id = outbox::publish(pool, "manual", &"ack then err")
+        .await
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = calls.clone();
+    let handler = move |env: Arc<Envelope>, ctx: Context| {
+        let c = c.clone();
+        async move {
+            c.fetch_add(1, Ordering::SeqCst);
+            let ack = outbox::Ack::from_context(&env, &ctx)?;
+            match env.payload.as_slice() {
+                b"\"nack\"" => ack.nack(Some(Duration::from_millis(10)), "not yet"),
+                b"\"silent\"" => {}
+                _ => {
+                    ack.ack();
+                    return Err(HandlerError::transient("cleanup failed after the ack"));
+                }
+            }
+            Ok(Output::none())
+        }
+    };
+    let running = App::manual(pool.clone())
+        .register(
+            fast(Subscriber::new("manual", handler).queue("manual"))
+                .ack_policy(AckPolicy::Manual)
+                .retry(quick_retry(3)),
+        )
+        .start()
+        .await
+        .unwrap();
+    eventually(
+        "both undecided rows dead-lettered",
+        Duration::from_secs(20),
+        || async { count(pool, "select count(*) from outbox_dlq").await == 2 },
+    )
+    .await;
+    running.shutdown().await;
+    assert_eq!(
+        count(pool, "select count(*) from outbox").await,
+        0,
+        "outbox empty"
+    );
+    let rows = sqlx::query(
+        "select original_id, failure_reason, attempts from outbox_dlq order by original_id",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    let got: Vec<(i64, String, i32)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (nack_id, "retries_exhausted".to_owned(), 3),
+            (silent_id, "retries_exhausted".to_owned(), 3),
+        ],
+        "each undecided row tried 3 times, then dead-lettered"
+    );
+    assert!(
+        got.iter().all(|(id, _, _)| *id != acked_id),
+        "the acked row is deleted, not dead-lettered"
+    );
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        7,
+        "3 + 3 attempts + 1 for the acked row"
+    );
     db.drop_db().await;
 }

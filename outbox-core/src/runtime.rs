@@ -34,7 +34,8 @@ pub(crate) struct SubRuntime {
 /// One handler call: row index, result, manual decision, run time.
 type Handled = (
     usize,
-    Result<crate::Output, HandlerError>,
+    // `None`: the handler was not called (the row's lease ran out first).
+    Option<Result<crate::Output, HandlerError>>,
     Option<Decision>,
     Duration,
 );
@@ -45,6 +46,12 @@ enum Fate {
     Retry(HandlerError, Option<Duration>),
     Fail(FailureReason, String),
     Release,
+}
+
+/// The part of a lease kept for publishing and settling after the handler:
+/// a tenth of it, between 50 ms and 5 s.
+fn lease_margin(ttl: Duration) -> Duration {
+    (ttl / 10).clamp(Duration::from_millis(50), Duration::from_secs(5))
 }
 
 impl SubRuntime {
@@ -170,27 +177,48 @@ impl SubRuntime {
     async fn process(&self, token: Uuid, rows: Vec<Envelope>) {
         let rows: Vec<Arc<Envelope>> = rows.into_iter().map(Arc::new).collect();
         let ttl = self.sub.lease_ttl;
+        // The lease runs from the claim (just before this call), not from the
+        // moment a handler starts: a row that waited for a free slot has less
+        // of it left. Keep a margin for publishing and settling, so that a
+        // handler never runs past its row's lease (another instance could take
+        // the row over and handle it as well).
+        let lease_deadline = Instant::now() + ttl - lease_margin(ttl);
         let handler = &self.sub.handler;
         let results: Vec<Handled> =
             futures::stream::iter(rows.iter().cloned().enumerate())
                 .map(|(i, env)| {
                     let ctx = self.context();
                     let span = tracing::info_span!("message", queue = %env.queue, id = env.id, attempt = env.attempt, key = env.key.as_deref().unwrap_or(""));
-                    let fut = handler.call(env.clone(), ctx.clone());
                     async move {
-                        tracing::debug!("{} | received", env.queue);
                         let started = Instant::now();
-                        let r = match tokio::time::timeout(ttl, AssertUnwindSafe(fut).catch_unwind()).await {
-                            Ok(Ok(r)) => r,
-                            Ok(Err(panic)) => Err(HandlerError::transient(format!(
+                        let Some(budget) = lease_deadline.checked_duration_since(started) else {
+                            // The lease ran out while the row waited for a slot:
+                            // give it back untouched instead of racing its next owner.
+                            return (i, None, None, Duration::ZERO);
+                        };
+                        tracing::debug!("{} | received", env.queue);
+                        // A handler may panic while building its future, too.
+                        let call = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                            handler.call(env.clone(), ctx.clone())
+                        }));
+                        let r = match call {
+                            Err(panic) => Err(HandlerError::transient(format!(
                                 "handler panicked: {}",
                                 panic_message(&panic)
                             ))),
-                            Err(_) => Err(HandlerError::transient(format!(
-                                "handler did not finish within the lease ({ttl:?})"
-                            ))),
+                            Ok(fut) => match tokio::time::timeout(budget, AssertUnwindSafe(fut).catch_unwind()).await {
+                                Ok(Ok(r)) => r,
+                                Ok(Err(panic)) => Err(HandlerError::transient(format!(
+                                    "handler panicked: {}",
+                                    panic_message(&panic)
+                                ))),
+                                Err(_) => Err(HandlerError::transient(format!(
+                                    "handler did not finish within the lease ({ttl:?}, less {:?} kept for publishing and settling)",
+                                    lease_margin(ttl)
+                                ))),
+                            },
                         };
-                        (i, r, ctx.take_decision(), started.elapsed())
+                        (i, Some(r), ctx.take_decision(), started.elapsed())
                     }
                     .instrument_with(span)
                 })
@@ -200,6 +228,7 @@ impl SubRuntime {
         m::record_handler_times(
             results
                 .iter()
+                .filter(|(_, r, _, _)| r.is_some())
                 .map(|(i, _, _, took)| (rows[*i].queue.as_str(), *took)),
         );
 
@@ -207,6 +236,10 @@ impl SubRuntime {
         let mut outgoing: HashMap<String, Vec<(usize, Outgoing)>> = HashMap::new();
         for (i, result, decision, took) in results {
             let env = &rows[i];
+            let Some(result) = result else {
+                fates[i] = Some(Fate::Release);
+                continue;
+            };
             let fate = match (self.sub.ack, decision, result) {
                 (AckPolicy::Manual, Some(Decision::Nack(delay, err)), _) => {
                     Fate::Retry(HandlerError::transient(err), delay)
@@ -214,7 +247,19 @@ impl SubRuntime {
                 (AckPolicy::Manual, Some(Decision::Reject(reason)), _) => {
                     Fate::Fail(FailureReason::Rejected, reason)
                 }
-                (AckPolicy::Manual, None, Ok(_)) => Fate::Release,
+                // An explicit ack wins over an `Err` returned afterwards.
+                (AckPolicy::Manual, Some(Decision::Ack), Err(e)) => {
+                    tracing::debug!(queue = %env.queue, id = env.id, "{} | acked by the handler, which then returned: {}", env.queue, e.message());
+                    Fate::Ack
+                }
+                // No decision: retried like a failure, so that the attempt
+                // counts and the retry budget bounds it.
+                (AckPolicy::Manual, None, Ok(_)) => Fate::Retry(
+                    HandlerError::transient(
+                        "the handler (ack = manual) returned without calling ack, nack or reject",
+                    ),
+                    None,
+                ),
                 (_, _, Ok(output)) => {
                     tracing::debug!(queue = %env.queue, id = env.id, "{} | processed in {} ms", env.queue, took.as_millis());
                     for mut o in output.publishes {
@@ -307,11 +352,13 @@ impl SubRuntime {
                 }
                 Fate::Retry(err, forced) => {
                     let attempt = env.failures + 1;
-                    let next = forced.or_else(|| {
-                        self.sub
-                            .retry
-                            .next_delay(&Failure::new(attempt, env.elapsed, &err))
-                    });
+                    // The strategy decides whether the budget allows another
+                    // attempt; a delay asked for by `Ack::nack` only replaces its delay.
+                    let next = self
+                        .sub
+                        .retry
+                        .next_delay(&Failure::new(attempt, env.elapsed, &err))
+                        .map(|delay| forced.unwrap_or(delay));
                     match next {
                         Some(delay) => {
                             let of = match self.sub.retry.max_attempts() {
