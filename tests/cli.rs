@@ -109,7 +109,7 @@ async fn migrate_creates_the_tables_and_is_idempotent() {
     ok(&r);
     assert!(
         r.out
-            .contains("migrated: outbox outbox at v1, dead letters outbox_dlq at v1"),
+            .contains("migrated: outbox outbox at v2, dead letters outbox_dlq at v1"),
         "{}",
         r.out
     );
@@ -533,10 +533,13 @@ async fn validate_finds_missing_objects_and_advises_on_vacuum() {
         r.out
     );
 
-    sqlx::query("UPDATE outbox_migrations SET version = 99 WHERE kind = 'outbox'")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "UPDATE outbox_migrations SET version = 99 WHERE kind = 'outbox' \
+         AND version = (SELECT max(version) FROM outbox_migrations WHERE kind = 'outbox')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
     let r = cli(&db, &["validate"]).await;
     assert_eq!(r.exit, Exit::Problems, "{r:?}");
     assert!(r.out.contains("newer than this version"), "{}", r.out);

@@ -982,3 +982,99 @@ async fn notify_is_sent_only_while_a_subscriber_is_idle() {
     running.shutdown().await;
     db.drop_db().await;
 }
+
+/// The claim statement has three forms (one queue: `queue = $1` on the claim
+/// index; several queues: one index walk per queue; every queue: by id). A
+/// claimer "crashes" holding a batch of a multi-queue claim: the others never
+/// see those rows while the lease holds, take them over after it expires, the
+/// crashed claimer's late ack deletes nothing, and in the end every row was
+/// acked exactly once, none of another queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_claim_form_skips_leased_rows_and_takes_over_a_crashed_claimers_rows() {
+    let db = setup().await;
+    let ob = Outbox::default();
+    for q in ["qa", "qb", "qc"] {
+        let msgs = (0..100)
+            .map(|i| Message::json(q, &i).unwrap().key(format!("k{}", i % 7)))
+            .collect();
+        ob.publish_batch(&db.pool, msgs).await.unwrap();
+    }
+    let two = vec!["qa".to_owned(), "qb".to_owned()];
+    let crashed = Claimer::new(db.pool.clone(), Tables::default(), two.clone())
+        .unwrap()
+        .with_batch_size(50)
+        .with_lease_ttl(Duration::from_secs(5));
+    let lost = crashed.claim().await.unwrap();
+    let crashed_at = Instant::now();
+    assert_eq!(lost.rows.len(), 50);
+    let lost_ids: Vec<i64> = lost.rows.iter().map(|r| r.id).collect();
+    // The crash: this batch is never acked by its owner.
+
+    let acked: Arc<Mutex<Vec<(i64, String)>>> = Arc::default();
+    let drain = |claimer: Claimer, acked: Arc<Mutex<Vec<(i64, String)>>>| async move {
+        loop {
+            let b = claimer.claim().await.unwrap();
+            if b.rows.is_empty() {
+                return;
+            }
+            let ids: Vec<i64> = b.rows.iter().map(|r| r.id).collect();
+            assert_eq!(claimer.ack(b.token, &ids).await.unwrap(), ids.len() as u64);
+            acked
+                .lock()
+                .unwrap()
+                .extend(b.rows.iter().map(|r| (r.id, r.queue.clone())));
+        }
+    };
+    // Two claimers of the two queues and two of the one queue, at once.
+    let multi = || {
+        Claimer::new(db.pool.clone(), Tables::default(), two.clone())
+            .unwrap()
+            .with_batch_size(7)
+    };
+    let single = || {
+        Claimer::new(db.pool.clone(), Tables::default(), vec!["qc".to_owned()])
+            .unwrap()
+            .with_batch_size(9)
+    };
+    tokio::join!(
+        drain(multi(), acked.clone()),
+        drain(multi(), acked.clone()),
+        drain(single(), acked.clone()),
+        drain(single(), acked.clone()),
+    );
+    {
+        let got = acked.lock().unwrap();
+        assert_eq!(got.len(), 250, "everything but the crashed claimer's batch");
+        assert!(got.iter().all(|(id, _)| !lost_ids.contains(id)));
+    }
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM outbox").await,
+        50,
+        "the leased rows wait for their lease to expire"
+    );
+
+    assert!(
+        crashed_at.elapsed() < Duration::from_secs(5),
+        "the machine is too slow for this test: the lease expired during the first drain"
+    );
+    tokio::time::sleep(
+        Duration::from_secs(5).saturating_sub(crashed_at.elapsed()) + Duration::from_millis(300),
+    )
+    .await;
+    drain(multi(), acked.clone()).await;
+    assert_eq!(
+        crashed.ack(lost.token, &lost_ids).await.unwrap(),
+        0,
+        "a stale token deletes nothing"
+    );
+    let got = acked.lock().unwrap().clone();
+    let mut ids: Vec<i64> = got.iter().map(|(id, _)| *id).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 300, "every row acked exactly once");
+    assert_eq!(got.len(), 300);
+    for q in ["qa", "qb", "qc"] {
+        assert_eq!(got.iter().filter(|(_, queue)| queue == q).count(), 100);
+    }
+    assert_eq!(count(&db.pool, "SELECT count(*) FROM outbox").await, 0);
+}

@@ -88,8 +88,10 @@ impl Claimer {
         ordered: bool,
         dlq: Option<TableName>,
     ) -> Self {
-        let scope = match (&queues, ordered) {
+        let scope = match (queues.as_deref(), ordered) {
             (None, _) => ClaimScope::All,
+            (Some([_]), false) => ClaimScope::Queue,
+            (Some([_]), true) => ClaimScope::QueueOrdered,
             (Some(_), false) => ClaimScope::Queues,
             (Some(_), true) => ClaimScope::QueuesOrdered,
         };
@@ -128,7 +130,9 @@ impl Claimer {
     pub async fn claim(&self) -> Result<Batch, Error> {
         let token = Uuid::new_v4();
         let mut q = sqlx::query(&self.claim_sql);
-        q = match &self.queues {
+        q = match self.queues.as_deref() {
+            // One queue: `queue = $1`, which walks the claim index in order.
+            Some([queue]) => q.bind(queue),
             Some(queues) => q.bind(queues),
             None => q.bind(Option::<Vec<String>>::None),
         };

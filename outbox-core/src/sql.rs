@@ -82,38 +82,70 @@ pub(crate) fn cancel_timer(t: &Tables) -> String {
 /// Which rows a claim may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ClaimScope {
-    /// Rows of the queues in `$1`, oldest due first.
+    /// Rows of the one queue `$1` (text), oldest due first.
+    Queue,
+    /// Rows of the queues in `$1` (text[]), oldest due first.
     Queues,
-    /// Rows of the queues in `$1`, only the head row of each partition key.
+    /// Rows of the one queue `$1` (text), only the head row of each partition key.
+    QueueOrdered,
+    /// Rows of the queues in `$1` (text[]), only the head row of each partition key.
     QueuesOrdered,
     /// Every row of the table, by id (the stand-alone relay).
     All,
 }
 
-/// `$1` queues (absent for `All`), `$2` limit, `$3` lease TTL in µs, `$4` token.
-/// A lease ends at the expiry its claimer chose, whatever TTL a later claimer uses.
+/// `$1` the queue (text) for `Queue`/`QueueOrdered`, the queues (text[]) for
+/// `Queues`/`QueuesOrdered`, absent for `All`; `$2` limit, `$3` lease TTL in
+/// µs, `$4` token. A lease ends at the expiry its claimer chose, whatever TTL a
+/// later claimer uses.
+///
+/// Every form walks an index in the order it claims, so a claim reads about
+/// `limit` rows however long the backlog is:
+/// * `queue = $1 ... ORDER BY next_attempt_at` walks the partial index
+///   `claim_idx (queue, next_attempt_at) WHERE parked_at IS NULL`. (`queue =
+///   ANY($1)` cannot give that order on PostgreSQL 15: the planner sorted the
+///   whole backlog on every claim, about 160 ms for 200,000 rows.)
+/// * several queues: one such index walk per queue (`LATERAL`), merged;
+/// * every queue: the primary key, by id.
 pub(crate) fn claim(t: &Tables, scope: ClaimScope) -> String {
     let o = t.outbox.quoted();
-    let (queue_filter, order, head_only) = match scope {
-        ClaimScope::Queues => ("c.queue = ANY($1) AND", "c.next_attempt_at", String::new()),
-        ClaimScope::QueuesOrdered => (
-            "c.queue = ANY($1) AND",
-            "c.id",
+    let pick = |queue_filter: &str, order: &str, head_only: bool| {
+        let head = if head_only {
             format!(
                 "AND (c.partition_key IS NULL OR NOT EXISTS (\
                     SELECT 1 FROM {o} p WHERE p.queue = c.queue AND p.partition_key = c.partition_key \
                     AND p.id < c.id AND p.parked_at IS NULL))"
-            ),
-        ),
-        ClaimScope::All => ("", "c.id", String::new()),
+            )
+        } else {
+            String::new()
+        };
+        format!(
+            "SELECT c.id, c.{order} AS ord FROM {o} c \
+             WHERE {queue_filter} c.parked_at IS NULL AND c.next_attempt_at <= now() \
+               AND (c.lease_token IS NULL OR c.lease_expires_at <= now()) \
+               {head} \
+             ORDER BY c.{order} LIMIT $2 FOR UPDATE SKIP LOCKED"
+        )
+    };
+    let picked = match scope {
+        ClaimScope::Queue => pick("c.queue = $1::text AND", "next_attempt_at", false),
+        ClaimScope::QueueOrdered => pick("c.queue = $1::text AND", "id", true),
+        ClaimScope::All => pick("", "id", false),
+        ClaimScope::Queues | ClaimScope::QueuesOrdered => {
+            let (order, head) = if scope == ClaimScope::Queues {
+                ("next_attempt_at", false)
+            } else {
+                ("id", true)
+            };
+            format!(
+                "SELECT l.id, l.ord FROM unnest($1::text[]) AS q(name) \
+                 CROSS JOIN LATERAL ({inner}) AS l ORDER BY l.ord LIMIT $2",
+                inner = pick("c.queue = q.name AND", order, head)
+            )
+        }
     };
     format!(
-        "WITH picked AS (\
-            SELECT c.id FROM {o} c \
-            WHERE {queue_filter} c.parked_at IS NULL AND c.next_attempt_at <= now() \
-              AND (c.lease_token IS NULL OR c.lease_expires_at <= now()) \
-              {head_only} \
-            ORDER BY {order} LIMIT $2 FOR UPDATE SKIP LOCKED) \
+        "WITH picked AS ({picked}) \
          UPDATE {o} o SET lease_token = $4, lease_acquired_at = now(), \
              lease_expires_at = now() + $3::int8 * interval '1 microsecond', deliveries = o.deliveries + 1, \
              first_attempt_at = coalesce(o.first_attempt_at, now()), last_attempt_at = now() \

@@ -34,6 +34,10 @@ pub const DEFAULT_RELAY_WORKERS: usize = 2;
 /// Longest topic name Kafka accepts.
 pub const MAX_TOPIC_LEN: usize = 249;
 
+/// Where the relay serves `/metrics`, `/healthz` and `/readyz` unless
+/// `METRICS_ADDR` says otherwise.
+pub const DEFAULT_METRICS_ADDR: &str = "0.0.0.0:9187";
+
 /// How often an idle relay with `RELAY_EXIT_WHEN_IDLE` looks at the outbox.
 const IDLE_CHECK: Duration = Duration::from_millis(200);
 
@@ -49,7 +53,7 @@ pub const RELAY_VARS: &[(&str, Option<&str>, &str)] = &[
     ("KAFKA_IDEMPOTENT", None, "idempotent producer (default: true with KAFKA_ACKS=all)"),
     ("KAFKA_ASYNC", Some("false"), "true: delete rows once queued in the producer, before Kafka acknowledges them (gives up at-least-once)"),
     ("KAFKA_BATCH_SIZE", None, "messages per produce request (librdkafka batch.num.messages)"),
-    ("KAFKA_LINGER", None, "time to fill a produce request (linger.ms), e.g. 5ms"),
+    ("KAFKA_LINGER", None, "time to fill a produce request (linger.ms), e.g. 5ms (default 0: each claimed batch is sent whole)"),
     ("KAFKA_COMPRESSION", Some("none"), "none, gzip, snappy, lz4, zstd"),
     ("KAFKA_WRITE_TIMEOUT", Some("30s"), "how long a message may wait for its acknowledgement (message.timeout.ms)"),
     ("KAFKA_CREATE_TOPICS", Some("false"), "create missing topics with the admin API"),
@@ -67,6 +71,7 @@ pub const RELAY_VARS: &[(&str, Option<&str>, &str)] = &[
     ("RELAY_WORKERS", Some("2"), "claim loops (1 to 64)"),
     ("RELAY_MIGRATE", Some("false"), "create the outbox and dead-letter tables at start"),
     ("RELAY_EXIT_WHEN_IDLE", Some("false"), "exit 0 once the outbox has no pending row"),
+    ("METRICS_ADDR", Some(DEFAULT_METRICS_ADDR), "address of the Prometheus /metrics, liveness /healthz and readiness /readyz endpoint; off disables it"),
     ("LOG_FORMAT", Some("text"), "text or json"),
     ("RUST_LOG", Some("info"), "log filter, e.g. info,outbox=debug"),
 ];
@@ -214,6 +219,8 @@ pub struct RelayConfig {
     pub migrate: bool,
     /// Stop once the outbox has no pending row (`RELAY_EXIT_WHEN_IDLE`).
     pub exit_when_idle: bool,
+    /// The metrics and health endpoint (`METRICS_ADDR`); `None`: off.
+    pub metrics: Option<MetricsSetting>,
     /// Log output (`LOG_FORMAT`), used by the binary.
     pub log_format: LogFormat,
 }
@@ -234,9 +241,21 @@ impl Default for RelayConfig {
             workers: DEFAULT_RELAY_WORKERS,
             migrate: false,
             exit_when_idle: false,
+            metrics: None,
             log_format: LogFormat::Text,
         }
     }
+}
+
+/// The relay's metrics and health endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsSetting {
+    /// Where to listen.
+    pub addr: std::net::SocketAddr,
+    /// `true` when asked for explicitly: failing to listen stops the relay.
+    /// The default address only logs a warning when it is taken (another
+    /// relay on the same host, say).
+    pub required: bool,
 }
 
 /// Why the relay could not start or stopped with an error.
@@ -350,6 +369,27 @@ impl RelayConfig {
         if let Some(v) = get("RELAY_EXIT_WHEN_IDLE") {
             c.exit_when_idle = parse_bool("RELAY_EXIT_WHEN_IDLE", &v)?;
         }
+        c.metrics = match get("METRICS_ADDR") {
+            None => Some(MetricsSetting {
+                addr: DEFAULT_METRICS_ADDR.parse().expect("a valid default"),
+                required: false,
+            }),
+            Some(v) if ["off", "none", "false", ""].contains(&v.to_ascii_lowercase().as_str()) => {
+                None
+            }
+            Some(v) => Some(MetricsSetting {
+                addr: v.parse().map_err(|_| {
+                    ConfigError::invalid(
+                        "METRICS_ADDR",
+                        format!(
+                            "{v:?} is not a socket address (accepted: host:port such as \
+                             0.0.0.0:9187 or 127.0.0.1:0, or off)"
+                        ),
+                    )
+                })?,
+                required: true,
+            }),
+        };
         if let Some(v) = get("LOG_FORMAT") {
             c.log_format = match v.to_ascii_lowercase().as_str() {
                 "text" => LogFormat::Text,
@@ -441,6 +481,52 @@ fn check_database_url(url: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// The metrics endpoint to serve, with the broker's readiness check; `None`
+/// when off, or when the default address is taken (logged).
+async fn metrics_endpoint(
+    config: &RelayConfig,
+) -> Result<Option<outbox::metrics::Endpoint>, RelayError> {
+    let Some(setting) = config.metrics else {
+        return Ok(None);
+    };
+    if let Err(e) = tokio::net::TcpListener::bind(setting.addr).await {
+        if setting.required {
+            return Err(ConfigError::invalid(
+                "METRICS_ADDR",
+                format!("cannot listen on {}: {e}", setting.addr),
+            )
+            .into());
+        }
+        tracing::warn!(
+            "no metrics endpoint: cannot listen on {} ({e}); set METRICS_ADDR to another address, or off",
+            setting.addr
+        );
+        return Ok(None);
+    }
+    // A client of its own for the readiness check: cluster metadata within 2 s.
+    let mut client = config.broker.client_config();
+    client.remove("transactional.id");
+    let probe: Arc<rdkafka::producer::BaseProducer> = Arc::new(
+        client
+            .create()
+            .map_err(|e| crate::Error::Client(config.broker.redact(&e.to_string())))?,
+    );
+    let endpoint = outbox::metrics::Endpoint::new(setting.addr).ready_check("kafka", move || {
+        let probe = probe.clone();
+        async move {
+            tokio::task::spawn_blocking(move || {
+                rdkafka::producer::Producer::client(&*probe)
+                    .fetch_metadata(None, Duration::from_secs(2))
+                    .map(|_| ())
+                    .map_err(|e| format!("no Kafka broker answers: {e}"))
+            })
+            .await
+            .map_err(|e| format!("readiness check failed: {e}"))?
+        }
+    });
+    Ok(Some(endpoint))
+}
+
 /// Connects to `config.database_url` (retrying with backoff while the
 /// database is unreachable, until `shutdown` completes) and runs the relay
 /// until `shutdown` completes, or until the outbox is empty with
@@ -508,10 +594,13 @@ pub async fn run_relay_on(
         "relaying {} to Kafka",
         tables.outbox
     );
-    let app = outbox::App::manual(pool.clone())
+    let mut app = outbox::App::manual(pool.clone())
         .tables(tables.clone())
         .register(config.subscriber())
         .broker(broker);
+    if let Some(endpoint) = metrics_endpoint(&config).await? {
+        app = app.metrics_endpoint(endpoint);
+    }
     let running = app.start().await?;
     if config.exit_when_idle {
         let pending_sql = format!(

@@ -248,3 +248,89 @@ async fn sigterm_stops_the_binary_with_status_0() {
     assert!(logs.contains("SIGTERM"), "{logs}");
     db.drop_db().await;
 }
+
+/// The relay serves Prometheus metrics (with the outbox lag gauges), liveness
+/// and readiness (database and Kafka) on `METRICS_ADDR`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_and_health_are_served_on_metrics_addr() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let db = TestDb::new().await;
+    let topic = unique_topic("relay-metrics");
+    create_topic(&topic, 1).await;
+    outbox::migrate(&db.pool, &outbox::Tables::default())
+        .await
+        .unwrap();
+    let msgs: Vec<outbox::Message> = (0..5)
+        .map(|i| outbox::Message::json("metrics.orders", &i).unwrap())
+        .collect();
+    outbox::Outbox::default()
+        .publish_batch(&db.pool, msgs)
+        .await
+        .unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut child = tokio::process::Command::new(BIN)
+        .env("DATABASE_URL", &db.url)
+        .env("KAFKA_BROKERS", kafka_brokers())
+        .env("TOPIC_MAP", format!("metrics.orders:{topic}"))
+        .env("METRICS_ADDR", format!("127.0.0.1:{port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    async fn get(port: u16, path: &str) -> Option<String> {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.ok()?;
+        Some(body)
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let metrics = loop {
+        if let Some(m) = get(port, "/metrics").await {
+            // The five rows were relayed, and the lag gauges sampled.
+            if m.contains("outbox_handled_total{queue=\"metrics.orders\"} 5")
+                && m.contains("outbox_pending_rows")
+            {
+                break m;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no metrics of the 5 relayed rows within 60 s: {:?}",
+            get(port, "/metrics").await
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert!(
+        metrics.starts_with("HTTP/1.1 200") || metrics.starts_with("HTTP/1.0 200"),
+        "{metrics}"
+    );
+    let health = get(port, "/healthz").await.unwrap();
+    assert!(health.contains(" 200 "), "{health}");
+    let ready = get(port, "/readyz").await.unwrap();
+    assert!(
+        ready.contains(" 200 "),
+        "database and Kafka reachable: {ready}"
+    );
+    child.kill().await.unwrap();
+    db.drop_db().await;
+}
+
+#[test]
+fn a_bad_metrics_addr_exits_2_naming_the_variable() {
+    let out = relay(&[("METRICS_ADDR", "localhost")], &[]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("METRICS_ADDR: \"localhost\" is not a socket address"),
+        "{}",
+        stderr(&out)
+    );
+}

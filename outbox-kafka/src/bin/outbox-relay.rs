@@ -101,6 +101,9 @@ struct Args {
     /// Exit 0 once the outbox has no pending row (for scripts).
     #[arg(long, env = "RELAY_EXIT_WHEN_IDLE", default_value = "false")]
     relay_exit_when_idle: String,
+    /// Address of the Prometheus /metrics, liveness /healthz and readiness /readyz endpoint; off disables it [default: 0.0.0.0:9187; when taken, the relay runs without it and logs a warning].
+    #[arg(long, env = "METRICS_ADDR")]
+    metrics_addr: Option<String>,
     /// Log format: text or json.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -140,6 +143,7 @@ impl Args {
             ("RELAY_WORKERS", Some(self.relay_workers)),
             ("RELAY_MIGRATE", Some(self.relay_migrate)),
             ("RELAY_EXIT_WHEN_IDLE", Some(self.relay_exit_when_idle)),
+            ("METRICS_ADDR", self.metrics_addr),
             ("LOG_FORMAT", Some(self.log_format)),
         ];
         let mut out: Vec<(String, String)> = vars
