@@ -261,6 +261,8 @@ impl Broker {
                 Err(e) => results[i] = Some(Err(e)),
             }
         }
+        // Messages waiting in the producer, this batch included.
+        outbox::metrics::set_kafka_queue_depth(producer.in_flight_count().max(0) as u64);
         if asynchronous {
             let watched: Vec<(String, String, DeliveryFuture)> = pending
                 .into_iter()

@@ -298,6 +298,7 @@ async fn metrics_and_health_are_served_on_metrics_addr() {
             // The five rows were relayed, and the lag gauges sampled.
             if m.contains("outbox_handled_total{queue=\"metrics.orders\"} 5")
                 && m.contains("outbox_pending_rows")
+                && m.contains("outbox_kafka_queue_depth")
             {
                 break m;
             }
