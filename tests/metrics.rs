@@ -458,3 +458,37 @@ async fn readiness_reports_failing_checks() {
         .to_string();
     assert!(e.contains("accepted: 100 ms to 1 h"), "{e}");
 }
+
+/// An endpoint whose address is taken: `best_effort` apps start without it
+/// (the relay binary's default address), the others refuse to start, naming
+/// the address.
+#[tokio::test]
+async fn a_taken_address_fails_the_start_unless_best_effort() {
+    logs();
+    let db = TestDb::new().await;
+    outbox::migrate(&db.pool, &Tables::default()).await.unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let noop = |_env: Arc<Envelope>, _ctx: Context| async { Ok(Output::none()) };
+    let app =
+        || App::manual(db.pool.clone()).register(Subscriber::new("taken", noop).queue("taken"));
+
+    let err = match app().metrics_endpoint(Endpoint::new(addr)).start().await {
+        Ok(_) => panic!("started although {addr} is taken"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains(&format!("cannot serve metrics on {addr}")),
+        "{err}"
+    );
+
+    let running = app()
+        .metrics_endpoint(Endpoint::new(addr).best_effort(true))
+        .start()
+        .await
+        .expect("a best-effort endpoint does not stop the app");
+    assert_eq!(running.metrics_addr(), None, "running without the endpoint");
+    running.shutdown().await;
+    drop(taken);
+    db.drop_db().await;
+}

@@ -281,8 +281,14 @@ impl App {
                     .filter_map(|s| s.dlq.as_deref().map(TableName::new))
                     .collect::<Result<Vec<_>, _>>()?;
                 let every = endpoint.sample_every();
-                let handle = endpoint.clone().database(self.pool.clone()).serve().await?;
-                Some((handle, every, dlqs))
+                match endpoint.clone().database(self.pool.clone()).serve().await {
+                    Ok(handle) => Some((handle, every, dlqs)),
+                    Err(e) if endpoint.is_best_effort() => {
+                        tracing::warn!("running without the metrics endpoint: {e}");
+                        None
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             None => None,
         };

@@ -382,6 +382,7 @@ mod endpoint {
         addr: SocketAddr,
         checks: Vec<(String, Check)>,
         sample_interval: Duration,
+        best_effort: bool,
     }
 
     impl std::fmt::Debug for Endpoint {
@@ -405,6 +406,7 @@ mod endpoint {
                 addr,
                 checks: Vec::new(),
                 sample_interval: DEFAULT_SAMPLE_INTERVAL,
+                best_effort: false,
             }
         }
 
@@ -459,6 +461,18 @@ mod endpoint {
         pub fn sample_interval(mut self, every: Duration) -> Self {
             self.sample_interval = every;
             self
+        }
+
+        /// `true`: when the address cannot be bound, an app logs a warning and
+        /// runs without the endpoint instead of failing to start (for a
+        /// default address that another process on the host may hold).
+        pub fn best_effort(mut self, yes: bool) -> Self {
+            self.best_effort = yes;
+            self
+        }
+
+        pub(crate) fn is_best_effort(&self) -> bool {
+            self.best_effort
         }
 
         pub(crate) fn sample_every(&self) -> Duration {

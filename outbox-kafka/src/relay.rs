@@ -258,6 +258,17 @@ pub struct MetricsSetting {
     pub required: bool,
 }
 
+impl MetricsSetting {
+    /// The binary's default: [`DEFAULT_METRICS_ADDR`], best effort (a taken
+    /// address is logged, not fatal).
+    pub fn default_for_binary() -> Self {
+        Self {
+            addr: DEFAULT_METRICS_ADDR.parse().expect("a valid default"),
+            required: false,
+        }
+    }
+}
+
 /// Why the relay could not start or stopped with an error.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -370,10 +381,8 @@ impl RelayConfig {
             c.exit_when_idle = parse_bool("RELAY_EXIT_WHEN_IDLE", &v)?;
         }
         c.metrics = match get("METRICS_ADDR") {
-            None => Some(MetricsSetting {
-                addr: DEFAULT_METRICS_ADDR.parse().expect("a valid default"),
-                required: false,
-            }),
+            // The binary turns the endpoint on by default ([`MetricsSetting::default_for_binary`]).
+            None => None,
             Some(v) if ["off", "none", "false", ""].contains(&v.to_ascii_lowercase().as_str()) => {
                 None
             }
@@ -489,19 +498,15 @@ async fn metrics_endpoint(
     let Some(setting) = config.metrics else {
         return Ok(None);
     };
-    if let Err(e) = tokio::net::TcpListener::bind(setting.addr).await {
-        if setting.required {
+    if setting.required {
+        // Asked for explicitly: refuse to start without it, naming the setting.
+        if let Err(e) = tokio::net::TcpListener::bind(setting.addr).await {
             return Err(ConfigError::invalid(
                 "METRICS_ADDR",
                 format!("cannot listen on {}: {e}", setting.addr),
             )
             .into());
         }
-        tracing::warn!(
-            "no metrics endpoint: cannot listen on {} ({e}); set METRICS_ADDR to another address, or off",
-            setting.addr
-        );
-        return Ok(None);
     }
     // A client of its own for the readiness check: cluster metadata within 2 s.
     let mut client = config.broker.client_config();
@@ -511,19 +516,21 @@ async fn metrics_endpoint(
             .create()
             .map_err(|e| crate::Error::Client(config.broker.redact(&e.to_string())))?,
     );
-    let endpoint = outbox::metrics::Endpoint::new(setting.addr).ready_check("kafka", move || {
-        let probe = probe.clone();
-        async move {
-            tokio::task::spawn_blocking(move || {
-                rdkafka::producer::Producer::client(&*probe)
-                    .fetch_metadata(None, Duration::from_secs(2))
-                    .map(|_| ())
-                    .map_err(|e| format!("no Kafka broker answers: {e}"))
-            })
-            .await
-            .map_err(|e| format!("readiness check failed: {e}"))?
-        }
-    });
+    let endpoint = outbox::metrics::Endpoint::new(setting.addr)
+        .best_effort(!setting.required)
+        .ready_check("kafka", move || {
+            let probe = probe.clone();
+            async move {
+                tokio::task::spawn_blocking(move || {
+                    rdkafka::producer::Producer::client(&*probe)
+                        .fetch_metadata(None, Duration::from_secs(2))
+                        .map(|_| ())
+                        .map_err(|e| format!("no Kafka broker answers: {e}"))
+                })
+                .await
+                .map_err(|e| format!("readiness check failed: {e}"))?
+            }
+        });
     Ok(Some(endpoint))
 }
 

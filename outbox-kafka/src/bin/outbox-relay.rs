@@ -207,13 +207,18 @@ fn librdkafka_refusal(e: &RelayError) -> Option<String> {
 fn main() -> ExitCode {
     let args = Args::parse();
     let filter = args.rust_log.clone();
-    let config = match RelayConfig::from_vars(args.vars()) {
+    let metrics_unset = args.metrics_addr.is_none();
+    let mut config = match RelayConfig::from_vars(args.vars()) {
         Ok(config) => config,
         Err(e) => {
             eprintln!("outbox-relay: {e}");
             return ExitCode::from(2);
         }
     };
+    if metrics_unset {
+        // On by default in the binary (opt-in for RelayConfig users).
+        config.metrics = Some(outbox_kafka::relay::MetricsSetting::default_for_binary());
+    }
     if let Err(e) = check_database_url(&config.database_url) {
         eprintln!("outbox-relay: {e}");
         return ExitCode::from(2);
