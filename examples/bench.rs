@@ -694,7 +694,7 @@ async fn steady(
     to_producer.sort_by(|a, b| a.total_cmp(b));
     let extra = format!(
         "; steady: {producers} producer tasks, {per_tx} msg/transaction, {tx_rate} transactions/s offered for {:.0} s \
-         (achieved {:.0} msgs/s offered); latency = consumer receipt - producer commit return (same clock), \
+         (achieved {:.0} msgs/s offered); latency = consumer receipt - producer commit return (same clock; consumer fetch.wait.max.ms=5, so a fetch waits at most 5 ms, not librdkafka's 500 ms default), \
          {} of {sent} received, {left} rows left; commit to Kafka CreateTime (handed to librdkafka, ms resolution) p50 {:.1} ms p99 {:.1} ms; msgs_per_s = messages / (produce time + tail); cpu_s over the steady window",
         o.duration.as_secs_f64(),
         sent as f64 / produce_secs,

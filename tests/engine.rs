@@ -1078,3 +1078,105 @@ async fn every_claim_form_skips_leased_rows_and_takes_over_a_crashed_claimers_ro
     }
     assert_eq!(count(&db.pool, "SELECT count(*) FROM outbox").await, 0);
 }
+
+/// A worker keeps its idle mark across partial batches (publishers keep
+/// notifying it) and its claims and settles commit without waiting for the WAL
+/// flush. With polling every 30 s, only notifications can wake it in time:
+/// rows published one by one, some while it is busy with a slow partial batch,
+/// are all handled, once. Midway another claimer "crashes" holding a batch
+/// under a 1 s lease: its rows come back to the worker after the lease (the
+/// next notification wakes it), its late ack deletes nothing, and in the end
+/// every row was handled exactly once and the outbox is empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_busy_with_partial_batches_is_woken_and_a_crashed_claim_comes_back() {
+    let db = setup().await;
+    let pool = &db.pool;
+    let calls: Calls = Default::default();
+    let c = calls.clone();
+    let handler = move |env: Arc<Envelope>, _ctx: Context| {
+        c.lock().unwrap().push((env.id, Instant::now()));
+        let slow = env.payload.as_slice() == b"0";
+        async move {
+            if slow {
+                tokio::time::sleep(Duration::from_millis(400)).await;
+            }
+            Ok(Output::none())
+        }
+    };
+    let running = App::manual(pool.clone())
+        .register(
+            Subscriber::new("partial", handler)
+                .queue("partial")
+                .batch_size(10)
+                .workers(1)
+                .poll_interval(Duration::from_secs(30), Duration::from_secs(30)),
+        )
+        .start()
+        .await
+        .unwrap();
+    eventually(
+        "subscriber marked idle",
+        Duration::from_secs(10),
+        || async {
+            count(
+                pool,
+                "select count(*) from outbox_listeners where idle_until > now()",
+            )
+            .await
+                == 1
+        },
+    )
+    .await;
+
+    let mut published = Vec::new();
+    // Rounds of one slow row, then fast rows while it is being handled.
+    for round in 0..4 {
+        published.push(outbox::publish(pool, "partial", &0).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        if round == 1 {
+            // While the worker is inside the slow handler, another instance
+            // claims the new rows and crashes holding them.
+            let crashed = Claimer::new(pool.clone(), Tables::default(), vec!["partial".into()])
+                .unwrap()
+                .with_lease_ttl(Duration::from_secs(1));
+            for i in 10..13 {
+                published.push(outbox::publish(pool, "partial", &i).await.unwrap());
+            }
+            let batch = crashed.claim().await.unwrap();
+            assert!(!batch.rows.is_empty(), "the crashing claimer took rows");
+            let lost: Vec<i64> = batch.rows.iter().map(|r| r.id).collect();
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+            // After the lease, the next publish wakes the worker, which takes
+            // the crashed claimer's rows as well.
+            published.push(outbox::publish(pool, "partial", &20).await.unwrap());
+            eventually(
+                "the crashed claimer's rows handled by the worker",
+                Duration::from_secs(10),
+                || async {
+                    let calls = calls.lock().unwrap();
+                    lost.iter().all(|id| calls.iter().any(|c| c.0 == *id))
+                },
+            )
+            .await;
+            let late = crashed.ack(batch.token, &lost).await.unwrap();
+            assert_eq!(late, 0, "a stale token deleted rows");
+        }
+        for i in 1..4 {
+            published.push(outbox::publish(pool, "partial", &i).await.unwrap());
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Notifications only (polling is every 30 s): everything within seconds.
+    eventually("every row handled", Duration::from_secs(10), || async {
+        count(pool, "select count(*) from outbox").await == 0
+    })
+    .await;
+    running.shutdown().await;
+    let calls = calls.lock().unwrap().clone();
+    let mut handled: Vec<i64> = calls.iter().map(|c| c.0).collect();
+    handled.sort_unstable();
+    published.sort_unstable();
+    assert_eq!(handled, published, "every row handled exactly once");
+    db.drop_db().await;
+}

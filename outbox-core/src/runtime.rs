@@ -92,12 +92,11 @@ impl SubRuntime {
                 if listening && stale {
                     // Publishers notify only while a mark is set; claim once more
                     // after setting it so a row committed just before is not missed.
+                    // (Also after refreshing a mark: it may have lapsed while the
+                    // worker was busy with partial batches, as it is kept across them.)
                     if self.set_idle(listener_id, idle_ttl).await {
-                        let first = idle_since.is_none();
                         idle_since = Some(Instant::now());
-                        if first {
-                            continue;
-                        }
+                        continue;
                     }
                 }
                 tokio::select! {
@@ -108,7 +107,12 @@ impl SubRuntime {
                 continue;
             }
             delay = self.sub.poll_min;
-            if idle_since.take().is_some() {
+            // A full batch means a backlog: claim continuously, and let
+            // publishers stop paying for `pg_notify`. A partial batch means the
+            // worker will be idle again within one batch: keep the mark, so the
+            // next rows wake it by notification, without two more round trips
+            // (unmark now, mark again) per batch on a lightly loaded system.
+            if batch.rows.len() >= self.sub.batch_size && idle_since.take().is_some() {
                 self.set_busy(listener_id).await;
             }
             let token = batch.token;

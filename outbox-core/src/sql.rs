@@ -79,6 +79,16 @@ pub(crate) fn cancel_timer(t: &Tables) -> String {
     )
 }
 
+/// A CTE that turns off `synchronous_commit` for the runtime's own statement
+/// (claim, settle, idle marks), which is its own transaction: its commit does
+/// not wait for the WAL flush (about 1 ms here, and the tail under load).
+/// Safe for at-least-once: a crash can only lose the last few of these
+/// commits, and each loss gives a row back (a claim or an ack undone: the row
+/// is delivered again) or undoes an attempt count or an idle mark. A delete
+/// and its dead-letter insert stay one statement, lost or kept together.
+/// `publish` (the user's transaction) is never touched.
+const ASYNC_COMMIT: &str = "sc AS (SELECT set_config('synchronous_commit', 'off', true) AS v)";
+
 /// Which rows a claim may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum ClaimScope {
@@ -145,11 +155,11 @@ pub(crate) fn claim(t: &Tables, scope: ClaimScope) -> String {
         }
     };
     format!(
-        "WITH picked AS ({picked}) \
+        "WITH {ASYNC_COMMIT}, picked AS ({picked}) \
          UPDATE {o} o SET lease_token = $4, lease_acquired_at = now(), \
              lease_expires_at = now() + $3::int8 * interval '1 microsecond', deliveries = o.deliveries + 1, \
              first_attempt_at = coalesce(o.first_attempt_at, now()), last_attempt_at = now() \
-         FROM picked WHERE o.id = picked.id \
+         FROM picked, sc WHERE o.id = picked.id \
          RETURNING {RETURNING}"
     )
 }
@@ -157,7 +167,7 @@ pub(crate) fn claim(t: &Tables, scope: ClaimScope) -> String {
 /// `$1` ids, `$2` token.
 pub(crate) fn ack(t: &Tables) -> String {
     format!(
-        "DELETE FROM {o} WHERE id = ANY($1) AND lease_token = $2",
+        "WITH {ASYNC_COMMIT} DELETE FROM {o} o USING sc WHERE o.id = ANY($1) AND o.lease_token = $2",
         o = t.outbox.quoted()
     )
 }
@@ -165,9 +175,10 @@ pub(crate) fn ack(t: &Tables) -> String {
 /// `$1` ids, `$2` delays in µs, `$3` errors, `$4` token.
 pub(crate) fn nack(t: &Tables) -> String {
     format!(
-        "UPDATE {o} o SET lease_token = NULL, lease_acquired_at = NULL, lease_expires_at = NULL, attempts = o.attempts + 1, \
+        "WITH {ASYNC_COMMIT} \
+         UPDATE {o} o SET lease_token = NULL, lease_acquired_at = NULL, lease_expires_at = NULL, attempts = o.attempts + 1, \
              next_attempt_at = now() + u.delay_us * interval '1 microsecond', last_error = u.err \
-         FROM unnest($1::int8[], $2::int8[], $3::text[]) AS u(id, delay_us, err) \
+         FROM unnest($1::int8[], $2::int8[], $3::text[]) AS u(id, delay_us, err), sc \
          WHERE o.id = u.id AND o.lease_token = $4",
         o = t.outbox.quoted()
     )
@@ -176,8 +187,9 @@ pub(crate) fn nack(t: &Tables) -> String {
 /// `$1` ids, `$2` token: gives rows back without counting an attempt.
 pub(crate) fn release(t: &Tables) -> String {
     format!(
-        "UPDATE {o} SET lease_token = NULL, lease_acquired_at = NULL, lease_expires_at = NULL \
-         WHERE id = ANY($1) AND lease_token = $2",
+        "WITH {ASYNC_COMMIT} \
+         UPDATE {o} o SET lease_token = NULL, lease_acquired_at = NULL, lease_expires_at = NULL \
+         FROM sc WHERE o.id = ANY($1) AND o.lease_token = $2",
         o = t.outbox.quoted()
     )
 }
@@ -186,8 +198,8 @@ pub(crate) fn release(t: &Tables) -> String {
 /// statement that deletes them.
 pub(crate) fn dead_letter(t: &Tables, dlq: &crate::TableName) -> String {
     format!(
-        "WITH d AS (\
-            DELETE FROM {o} o USING unnest($1::int8[], $2::text[], $3::text[]) AS u(id, reason, err) \
+        "WITH {ASYNC_COMMIT}, d AS (\
+            DELETE FROM {o} o USING unnest($1::int8[], $2::text[], $3::text[]) AS u(id, reason, err), sc \
             WHERE o.id = u.id AND o.lease_token = $4 \
             RETURNING o.id, o.queue, o.payload, o.headers, o.partition_key, o.correlation_id, \
                       o.attempts, o.deliveries, o.created_at, u.reason, u.err) \
@@ -203,9 +215,10 @@ pub(crate) fn dead_letter(t: &Tables, dlq: &crate::TableName) -> String {
 /// `$1` ids, `$2` reasons, `$3` errors, `$4` token: parks rows (no DLQ configured).
 pub(crate) fn park(t: &Tables) -> String {
     format!(
-        "UPDATE {o} o SET lease_token = NULL, lease_acquired_at = NULL, lease_expires_at = NULL, parked_at = now(), \
+        "WITH {ASYNC_COMMIT} \
+         UPDATE {o} o SET lease_token = NULL, lease_acquired_at = NULL, lease_expires_at = NULL, parked_at = now(), \
              attempts = o.attempts + 1, failure_reason = u.reason, last_error = u.err \
-         FROM unnest($1::int8[], $2::text[], $3::text[]) AS u(id, reason, err) \
+         FROM unnest($1::int8[], $2::text[], $3::text[]) AS u(id, reason, err), sc \
          WHERE o.id = u.id AND o.lease_token = $4",
         o = t.outbox.quoted()
     )
@@ -214,7 +227,8 @@ pub(crate) fn park(t: &Tables) -> String {
 /// `$1` listener id, `$2` how long the mark holds, in µs.
 pub(crate) fn mark_idle(t: &Tables) -> String {
     format!(
-        "INSERT INTO {l} (listener, idle_until) VALUES ($1, now() + $2::int8 * interval '1 microsecond') \
+        "WITH {ASYNC_COMMIT} \
+         INSERT INTO {l} (listener, idle_until) SELECT $1, now() + $2::int8 * interval '1 microsecond' FROM sc \
          ON CONFLICT (listener) DO UPDATE SET idle_until = excluded.idle_until",
         l = t.outbox.derived("_listeners")
     )
@@ -223,7 +237,7 @@ pub(crate) fn mark_idle(t: &Tables) -> String {
 /// `$1` listener id.
 pub(crate) fn mark_busy(t: &Tables) -> String {
     format!(
-        "DELETE FROM {l} WHERE listener = $1",
+        "WITH {ASYNC_COMMIT} DELETE FROM {l} l USING sc WHERE l.listener = $1",
         l = t.outbox.derived("_listeners")
     )
 }

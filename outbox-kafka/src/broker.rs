@@ -671,6 +671,14 @@ fn create_producer(config: &BrokerConfig) -> Result<Producer_, Error> {
     if client.get("linger.ms").is_none() && client.get("queue.buffering.max.ms").is_none() {
         client.set("linger.ms", DEFAULT_LINGER_MS);
     }
+    // librdkafka leaves Nagle's algorithm on: a produce request written while
+    // an earlier one is unacknowledged on the connection (two workers, or a
+    // batch spanning requests) can wait for the broker's delayed TCP ACK.
+    // Requests are already whole batches, so there is nothing to coalesce.
+    // A value the user set is kept.
+    if client.get("socket.nagle.disable").is_none() {
+        client.set("socket.nagle.disable", "true");
+    }
     client
         .set_log_level(RDKafkaLogLevel::Warning)
         .create_with_context(LogContext)
