@@ -140,9 +140,24 @@ impl Drop for TestDb {
 
 async fn drop_database(admin_url: &str, name: &str) -> Result<(), sqlx::Error> {
     let mut admin = PgConnection::connect(admin_url).await?;
-    sqlx::query(&format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#))
-        .execute(&mut admin)
-        .await?;
+    // WITH (FORCE) may not terminate an autovacuum worker that just started on
+    // the database ("must be a member of ... pg_signal_backend"); it is gone a
+    // moment later, so try again.
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match sqlx::query(&format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#))
+            .execute(&mut admin)
+            .await
+        {
+            Ok(_) => break,
+            Err(e) if tries < 20 => {
+                eprintln!("TestDb: DROP DATABASE {name} failed ({e}); retrying");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
     admin.close().await
 }
 
