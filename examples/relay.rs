@@ -77,8 +77,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // ANCHOR: setup
     outbox::migrate(&pool, &Tables::default()).await?;
+    // The application's own table.
     sqlx::query(
-        "CREATE TABLE IF NOT EXISTS orders (id bigint PRIMARY KEY, customer text NOT NULL)",
+        "CREATE TABLE IF NOT EXISTS relay_orders (id bigint PRIMARY KEY, customer text NOT NULL)",
     )
     .execute(&pool)
     .await?;
@@ -98,7 +99,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut tx = pool.begin().await?;
     sqlx::query(
-        "INSERT INTO orders (id, customer) VALUES ($1, $2) \
+        "INSERT INTO relay_orders (id, customer) VALUES ($1, $2) \
          ON CONFLICT (id) DO UPDATE SET customer = EXCLUDED.customer",
     )
     .bind(order.id)
