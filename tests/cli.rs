@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::TestDb;
+use common::{count, TestDb};
 use outbox::claim::Claimer;
 use outbox::cli::{run, Console, Exit};
 use outbox::{Message, Tables};
@@ -60,10 +60,6 @@ async fn migrated() -> TestDb {
     let db = TestDb::new().await;
     outbox::migrate(&db.pool, &Tables::default()).await.unwrap();
     db
-}
-
-async fn count(pool: &PgPool, sql: &str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
 
 /// A dead letter of `queue` that failed `ago` before now.

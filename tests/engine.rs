@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::TestDb;
+use common::{count, eventually, TestDb};
 use futures::future::BoxFuture;
 use outbox::claim::{Claimer, Retry, Terminal};
 use outbox::{
@@ -13,7 +13,6 @@ use outbox::{
 };
 use sqlx::{PgPool, Row};
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -38,23 +37,6 @@ async fn instance_pool(db: &TestDb, n: u32) -> PgPool {
         .connect(&db.url)
         .await
         .unwrap()
-}
-
-async fn count(pool: &PgPool, sql: &str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
-}
-
-/// Waits (bounded) until `check` holds; panics with `what` otherwise.
-async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < timeout, "timed out waiting for: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 type Calls = Arc<Mutex<Vec<(i64, Instant)>>>;

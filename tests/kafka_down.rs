@@ -10,10 +10,9 @@
 
 mod common;
 
-use common::{consume_all, create_topic, header_value, kafka_brokers, unique_topic, TestDb};
+use common::{consume_all, count, create_topic, header_value, kafka_brokers, unique_topic, TestDb};
 use outbox::{Message, Outbox, Tables};
 use outbox_kafka::relay::{run_relay_on, RelayConfig};
-use sqlx::PgPool;
 use std::collections::HashSet;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -40,10 +39,6 @@ impl Drop for RestartOnDrop {
             services("start");
         }
     }
-}
-
-async fn count(pool: &PgPool, sql: &str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

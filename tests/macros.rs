@@ -13,7 +13,7 @@
 
 mod common;
 
-use common::{create_topic, kafka_brokers, TestDb};
+use common::{count, create_topic, kafka_brokers, TestDb};
 use outbox::{App, Envelope, Error, HandlerError, Keyed, Message, Meta, State, Tables};
 use outbox_kafka as kafka;
 use outbox_kafka::{Broker, BrokerConfig};
@@ -229,13 +229,6 @@ where
         assert!(start.elapsed() < WAIT, "timed out waiting for: {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-async fn count(pool: &PgPool, sql: &str) -> i64 {
-    sqlx::query_scalar(sql)
-        .fetch_one(pool)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
 }
 
 async fn row_exists(pool: &PgPool, id: i64) -> bool {

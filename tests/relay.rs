@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{consume_all, create_topic, header_value, kafka_brokers, unique_topic, TestDb};
+use common::{consume_all, count, create_topic, header_value, kafka_brokers, unique_topic, TestDb};
 use outbox::{Message, Outbox, Tables};
 use outbox_kafka::relay::{run_relay, RelayConfig};
 use rdkafka::message::Message as _;
@@ -32,10 +32,6 @@ async fn run_until_idle(config: RelayConfig, limit: Duration) -> Duration {
         .unwrap_or_else(|_| panic!("the relay did not drain the outbox within {limit:?}"))
         .expect("relay");
     started.elapsed()
-}
-
-async fn count(pool: &PgPool, sql: &str) -> i64 {
-    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
 
 async fn publish_many(pool: &PgPool, outbox: &Outbox, queue: &str, n: usize) {

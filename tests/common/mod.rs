@@ -320,3 +320,25 @@ pub fn header_value<'a>(message: &'a OwnedMessage, key: &str) -> Option<&'a [u8]
         .find(|header| header.key == key)
         .and_then(|header| header.value)
 }
+
+/// The single `i64` a query returns (`count(*)`, say); panics with the query
+/// and the error otherwise.
+pub async fn count(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql)
+        .fetch_one(pool)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// Waits, at most `timeout`, until `check` holds; panics naming `what` otherwise.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < timeout, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
