@@ -239,7 +239,15 @@ async fn a_stale_token_cannot_ack_nack_or_dead_letter() {
     assert_eq!(count(pool, "select count(*) from outbox").await, 1);
     assert_eq!(count(pool, "select count(*) from outbox_dlq").await, 0);
 
-    assert_eq!(a.ack(second.token, &[id]).await.unwrap(), 1);
+    // The position-based ack (what the runtime uses) obeys the same rule: the
+    // first claim's positions are stale with either token, since the takeover
+    // wrote the row elsewhere.
+    assert_eq!(a.ack_at(stale, &first.positions).await.unwrap(), 0);
+    assert_eq!(a.ack_at(second.token, &first.positions).await.unwrap(), 0);
+    assert_eq!(a.ack_at(stale, &second.positions).await.unwrap(), 0);
+    assert_eq!(count(pool, "select count(*) from outbox").await, 1);
+
+    assert_eq!(a.ack_at(second.token, &second.positions).await.unwrap(), 1);
     assert_eq!(count(pool, "select count(*) from outbox").await, 0);
     db.drop_db().await;
 }
@@ -543,6 +551,98 @@ async fn shutdown_releases_the_leases_of_unfinished_rows() {
         5,
         "no attempt counted"
     );
+    db.drop_db().await;
+}
+
+/// With a backlog the runtime claims the next batch while the current one is
+/// handled. At shutdown that prefetched batch is given back at once, whether
+/// the current batch finishes in time or is cut off by the deadline.
+#[tokio::test]
+async fn shutdown_gives_back_the_prefetched_batch() {
+    let db = setup().await;
+    let pool = &db.pool;
+    const N: usize = 40;
+    let rows: Vec<Message> = (0..N).map(|i| Message::json("pre", &i).unwrap()).collect();
+    Outbox::default().publish_batch(pool, rows).await.unwrap();
+
+    for (handler_ms, deadline_ms) in [(300u64, 10_000u64), (20_000, 200)] {
+        let handled = Arc::new(Mutex::new(Vec::new()));
+        let started = Arc::new(AtomicUsize::new(0));
+        let (h, s) = (handled.clone(), started.clone());
+        let slow = move |env: Arc<Envelope>, _ctx: Context| {
+            s.fetch_add(1, Ordering::SeqCst);
+            let h = h.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(handler_ms)).await;
+                h.lock().unwrap().push(env.id);
+                Ok(Output::none())
+            }
+        };
+        let before = count(pool, "select count(*) from outbox").await;
+        let running = App::manual(pool.clone())
+            .register(fast(
+                Subscriber::new("pre", slow)
+                    .queue("pre")
+                    .batch_size(5)
+                    .concurrency(5)
+                    .workers(1),
+            ))
+            .shutdown_timeout(Duration::from_millis(deadline_ms))
+            .start()
+            .await
+            .unwrap();
+        eventually("a batch started", Duration::from_secs(10), || async {
+            started.load(Ordering::SeqCst) >= 5
+        })
+        .await;
+        // The next batch is claimed while the first is handled.
+        eventually(
+            "the next batch is prefetched",
+            Duration::from_secs(10),
+            || async {
+                count(
+                    pool,
+                    "select count(*) from outbox where lease_token is not null",
+                )
+                .await
+                    >= 10
+            },
+        )
+        .await;
+        running.shutdown().await;
+        let done = handled.lock().unwrap().len() as i64;
+        let left = count(pool, "select count(*) from outbox").await;
+        assert_eq!(
+            left + done,
+            before,
+            "nothing lost ({handler_ms} ms handlers)"
+        );
+        assert_eq!(
+            count(pool, "select count(*) from outbox where lease_token is not null").await,
+            0,
+            "every lease given back at shutdown ({handler_ms} ms handlers, {deadline_ms} ms deadline)"
+        );
+        assert_eq!(
+            count(pool, "select count(*) from outbox where attempts > 0").await,
+            0,
+            "no attempt counted for rows given back"
+        );
+    }
+
+    // A new run handles every row that is left.
+    let calls: Calls = Arc::default();
+    let running = App::manual(pool.clone())
+        .register(fast(
+            Subscriber::new("pre", recording(calls.clone(), |_| Ok(()))).queue("pre"),
+        ))
+        .start()
+        .await
+        .unwrap();
+    eventually("the rest is handled", Duration::from_secs(20), || async {
+        count(pool, "select count(*) from outbox").await == 0
+    })
+    .await;
+    running.shutdown().await;
     db.drop_db().await;
 }
 

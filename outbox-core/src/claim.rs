@@ -26,7 +26,17 @@ pub struct Batch {
     pub token: Uuid,
     /// The rows, oldest first.
     pub rows: Vec<Envelope>,
+    /// Where the claim stored each row (same order as `rows`), for
+    /// [`Claimer::ack_at`].
+    pub positions: Vec<RowPosition>,
 }
+
+/// Where a claim stored a row version (its `ctid`). [`Claimer::ack_at`] finds
+/// rows by it without an index lookup each. It is only good for the lease that
+/// produced it: once a row is updated (its lease taken over), the row is
+/// elsewhere and an ack at the old position deletes nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowPosition(String);
 
 /// A row that failed for good.
 #[derive(Debug, Clone)]
@@ -59,6 +69,7 @@ pub struct Claimer {
     lease_ttl_us: i64,
     claim_sql: String,
     ack_sql: String,
+    ack_at_sql: String,
     nack_sql: String,
     release_sql: String,
     park_sql: String,
@@ -102,6 +113,7 @@ impl Claimer {
             lease_ttl_us: crate::subscriber::DEFAULT_LEASE_TTL.as_micros() as i64,
             claim_sql: sql::claim(tables, scope),
             ack_sql: sql::ack(tables),
+            ack_at_sql: sql::ack_at(tables),
             nack_sql: sql::nack(tables),
             release_sql: sql::release(tables),
             park_sql: sql::park(tables),
@@ -144,10 +156,38 @@ impl Claimer {
             .await?;
         let mut out = rows
             .iter()
-            .map(Envelope::from_row)
-            .collect::<Result<Vec<_>, _>>()?;
-        out.sort_unstable_by_key(|e| e.id);
-        Ok(Batch { token, rows: out })
+            .map(|row| {
+                use sqlx::Row;
+                Ok((
+                    Envelope::from_row(row)?,
+                    RowPosition(row.try_get("position")?),
+                ))
+            })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        out.sort_unstable_by_key(|(e, _)| e.id);
+        let (rows, positions) = out.into_iter().unzip();
+        Ok(Batch {
+            token,
+            rows,
+            positions,
+        })
+    }
+
+    /// Deletes handled rows found by the positions their claim returned;
+    /// returns how many were still held under `token`. Cheaper than
+    /// [`Claimer::ack`] (no index lookup per row), with the same guarantee: a
+    /// row whose lease was taken over is not deleted.
+    pub async fn ack_at(&self, token: Uuid, positions: &[RowPosition]) -> Result<u64, Error> {
+        if positions.is_empty() {
+            return Ok(0);
+        }
+        let tids: Vec<&str> = positions.iter().map(|p| p.0.as_str()).collect();
+        let done = sqlx::query(&self.ack_at_sql)
+            .bind(tids)
+            .bind(token)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected())
     }
 
     /// Deletes handled rows; returns how many were still held under `token`.

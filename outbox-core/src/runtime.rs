@@ -1,6 +1,6 @@
 //! The subscriber runtime: claim -> handle -> publish -> settle, in batches.
 
-use crate::claim::{Claimer, Retry, Terminal};
+use crate::claim::{Batch, Claimer, Retry, RowPosition, Terminal};
 use crate::handler::{Decision, Extensions};
 use crate::listen::{sleep_or_stop, Waker};
 use crate::logging::human;
@@ -40,6 +40,9 @@ type Handled = (
     Duration,
 );
 
+/// A claim's start and its result.
+type Claimed = (Instant, Result<Batch, crate::Error>);
+
 /// What becomes of one row of a batch.
 enum Fate {
     Ack,
@@ -67,12 +70,21 @@ impl SubRuntime {
         let mut backoff = Duration::from_millis(100);
         let idle_ttl = self.sub.poll_max * 2 + Duration::from_secs(5);
         tracing::debug!(subscriber = %self.sub.name, worker, "worker started");
+        // The next batch, claimed while the current one was being handled.
+        let mut prefetched: Option<Claimed> = None;
         loop {
             if *stop.borrow() {
+                if let Some((_, Ok(batch))) = prefetched.take() {
+                    self.give_back(&batch).await;
+                }
                 break;
             }
             wake.borrow_and_update();
-            let batch = match self.claimer.claim().await {
+            let (claimed_at, claimed) = match prefetched.take() {
+                Some(c) => c,
+                None => self.claim().await,
+            };
+            let batch = match claimed {
                 Ok(b) => {
                     backoff = Duration::from_millis(100);
                     b
@@ -123,8 +135,20 @@ impl SubRuntime {
             );
             let in_flight = metrics::gauge!(m::IN_FLIGHT, "subscriber" => self.sub.name.clone());
             in_flight.increment(ids.len() as f64);
-            let work = self.process(token, batch.rows);
+            // A full batch means a backlog: claim the next batch while this one
+            // is handled, published and settled, so that the database is not
+            // idle meanwhile. Its lease runs from its own claim.
+            let full = batch.rows.len() >= self.sub.batch_size;
+            let work = self.process(token, batch.rows, batch.positions, claimed_at);
+            let next = futures::future::maybe_done(async {
+                if full {
+                    Some(self.claim().await)
+                } else {
+                    None
+                }
+            });
             tokio::pin!(work);
+            tokio::pin!(next);
             let mut deadline_stop = stop.clone();
             let timeout = self.shutdown_timeout;
             let deadline = async move {
@@ -135,21 +159,44 @@ impl SubRuntime {
                 }
                 tokio::time::sleep(timeout).await;
             };
-            tokio::select! {
-                _ = &mut work => {}
-                _ = deadline => {
-                    tracing::warn!(subscriber = %self.sub.name, rows = ids.len(), "shutdown deadline passed; releasing unfinished rows");
-                    if let Err(e) = self.claimer.release(token, &ids).await {
-                        tracing::warn!(error = %e, "release failed; the rows come back when their lease expires");
-                    }
+            let finished = tokio::select! {
+                _ = futures::future::join(work.as_mut(), next.as_mut()) => true,
+                _ = deadline => false,
+            };
+            if !finished {
+                tracing::warn!(subscriber = %self.sub.name, rows = ids.len(), "shutdown deadline passed; releasing unfinished rows");
+                if let Err(e) = self.claimer.release(token, &ids).await {
+                    tracing::warn!(error = %e, "release failed; the rows come back when their lease expires");
                 }
+                // A claim of the next batch may be under way: let it finish
+                // (one statement) and give its rows back too.
+                next.as_mut().await;
             }
+            prefetched = next.as_mut().take_output().flatten();
             in_flight.decrement(ids.len() as f64);
         }
         if idle_since.is_some() {
             self.set_busy(listener_id).await;
         }
         tracing::debug!(subscriber = %self.sub.name, worker, "worker stopped");
+    }
+
+    /// Claims a batch; the instant is taken before the claim, so that a lease
+    /// measured from it never outlives the database's.
+    async fn claim(&self) -> Claimed {
+        let at = Instant::now();
+        (at, self.claimer.claim().await)
+    }
+
+    /// Releases a prefetched batch that will not be handled (shutdown).
+    async fn give_back(&self, batch: &Batch) {
+        let ids: Vec<i64> = batch.rows.iter().map(|r| r.id).collect();
+        if ids.is_empty() {
+            return;
+        }
+        if let Err(e) = self.claimer.release(batch.token, &ids).await {
+            tracing::warn!(subscriber = %self.sub.name, error = %e, rows = ids.len(), "release of a prefetched batch failed; the rows come back when their lease expires");
+        }
     }
 
     async fn set_idle(&self, id: Uuid, ttl: Duration) -> bool {
@@ -178,15 +225,21 @@ impl SubRuntime {
     }
 
     /// Handles a batch and settles every row of it.
-    async fn process(&self, token: Uuid, rows: Vec<Envelope>) {
+    async fn process(
+        &self,
+        token: Uuid,
+        rows: Vec<Envelope>,
+        positions: Vec<RowPosition>,
+        claimed_at: Instant,
+    ) {
         let rows: Vec<Arc<Envelope>> = rows.into_iter().map(Arc::new).collect();
         let ttl = self.sub.lease_ttl;
-        // The lease runs from the claim (just before this call), not from the
-        // moment a handler starts: a row that waited for a free slot has less
+        // The lease runs from the claim, not from the moment a handler starts:
+        // a row that waited for a free slot (or in a prefetched batch) has less
         // of it left. Keep a margin for publishing and settling, so that a
         // handler never runs past its row's lease (another instance could take
         // the row over and handle it as well).
-        let lease_deadline = Instant::now() + ttl - lease_margin(ttl);
+        let lease_deadline = claimed_at + ttl - lease_margin(ttl);
         let handler = &self.sub.handler;
         let results: Vec<Handled> =
             futures::stream::iter(rows.iter().cloned().enumerate())
@@ -341,7 +394,7 @@ impl SubRuntime {
             let env = &rows[i];
             match fate.unwrap_or(Fate::Release) {
                 Fate::Ack => {
-                    acks.push(env.id);
+                    acks.push(positions[i].clone());
                     acked_queues.push(env.queue.as_str());
                 }
                 Fate::Release => release.push(env.id),
@@ -403,7 +456,7 @@ impl SubRuntime {
                 .filter(|(_, r)| *r != FailureReason::RetriesExhausted.as_str()),
         );
         m::count_by_queue_reason(m::DEAD_LETTERED_TOTAL, failed);
-        self.settle("ack", || self.claimer.ack(token, &acks), acks.len())
+        self.settle("ack", || self.claimer.ack_at(token, &acks), acks.len())
             .await;
         self.settle("nack", || self.claimer.nack(token, &retries), retries.len())
             .await;
