@@ -54,6 +54,24 @@ fn recording(
     }
 }
 
+/// Waits until the one subscriber's worker has set its idle mark (publishers
+/// notify only then).
+async fn wait_until_idle(pool: &PgPool) {
+    eventually(
+        "subscriber marked idle",
+        Duration::from_secs(10),
+        || async {
+            count(
+                pool,
+                "select count(*) from outbox_listeners where idle_until > now()",
+            )
+            .await
+                == 1
+        },
+    )
+    .await;
+}
+
 fn fast(sub: Subscriber) -> Subscriber {
     sub.poll_interval(Duration::from_millis(10), Duration::from_millis(50))
 }
@@ -1033,19 +1051,7 @@ async fn notify_is_sent_only_while_a_subscriber_is_idle() {
         .start()
         .await
         .unwrap();
-    eventually(
-        "subscriber marked idle",
-        Duration::from_secs(10),
-        || async {
-            count(
-                pool,
-                "select count(*) from outbox_listeners where idle_until > now()",
-            )
-            .await
-                == 1
-        },
-    )
-    .await;
+    wait_until_idle(pool).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     let mut latencies = Vec::new();
     for i in 0..5 {
@@ -1196,19 +1202,7 @@ async fn a_worker_busy_with_partial_batches_is_woken_and_a_crashed_claim_comes_b
         .start()
         .await
         .unwrap();
-    eventually(
-        "subscriber marked idle",
-        Duration::from_secs(10),
-        || async {
-            count(
-                pool,
-                "select count(*) from outbox_listeners where idle_until > now()",
-            )
-            .await
-                == 1
-        },
-    )
-    .await;
+    wait_until_idle(pool).await;
 
     let mut published = Vec::new();
     // Rounds of one slow row, then fast rows while it is being handled.

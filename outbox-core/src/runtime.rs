@@ -75,7 +75,8 @@ impl SubRuntime {
         loop {
             if *stop.borrow() {
                 if let Some((_, Ok(batch))) = prefetched.take() {
-                    self.give_back(&batch).await;
+                    let ids: Vec<i64> = batch.rows.iter().map(|r| r.id).collect();
+                    self.give_back(batch.token, &ids).await;
                 }
                 break;
             }
@@ -119,12 +120,16 @@ impl SubRuntime {
                 continue;
             }
             delay = self.sub.poll_min;
-            // A full batch means a backlog: claim continuously, and let
-            // publishers stop paying for `pg_notify`. A partial batch means the
-            // worker will be idle again within one batch: keep the mark, so the
-            // next rows wake it by notification, without two more round trips
-            // (unmark now, mark again) per batch on a lightly loaded system.
-            if batch.rows.len() >= self.sub.batch_size && idle_since.take().is_some() {
+            // A full batch means a backlog: claim continuously (the next batch
+            // while this one is handled, published and settled, so that the
+            // database is not idle meanwhile; its lease runs from its own
+            // claim), and let publishers stop paying for `pg_notify`. A partial
+            // batch means the worker will be idle again within one batch: keep
+            // the mark, so the next rows wake it by notification, without two
+            // more round trips (unmark now, mark again) per batch on a lightly
+            // loaded system.
+            let full = batch.rows.len() >= self.sub.batch_size;
+            if full && idle_since.take().is_some() {
                 self.set_busy(listener_id).await;
             }
             let token = batch.token;
@@ -135,10 +140,6 @@ impl SubRuntime {
             );
             let in_flight = metrics::gauge!(m::IN_FLIGHT, "subscriber" => self.sub.name.clone());
             in_flight.increment(ids.len() as f64);
-            // A full batch means a backlog: claim the next batch while this one
-            // is handled, published and settled, so that the database is not
-            // idle meanwhile. Its lease runs from its own claim.
-            let full = batch.rows.len() >= self.sub.batch_size;
             let work = self.process(token, batch.rows, batch.positions, claimed_at);
             let next = futures::future::maybe_done(async {
                 if full {
@@ -165,9 +166,7 @@ impl SubRuntime {
             };
             if !finished {
                 tracing::warn!(subscriber = %self.sub.name, rows = ids.len(), "shutdown deadline passed; releasing unfinished rows");
-                if let Err(e) = self.claimer.release(token, &ids).await {
-                    tracing::warn!(error = %e, "release failed; the rows come back when their lease expires");
-                }
+                self.give_back(token, &ids).await;
                 // A claim of the next batch may be under way: let it finish
                 // (one statement) and give its rows back too.
                 next.as_mut().await;
@@ -188,14 +187,11 @@ impl SubRuntime {
         (at, self.claimer.claim().await)
     }
 
-    /// Releases a prefetched batch that will not be handled (shutdown).
-    async fn give_back(&self, batch: &Batch) {
-        let ids: Vec<i64> = batch.rows.iter().map(|r| r.id).collect();
-        if ids.is_empty() {
-            return;
-        }
-        if let Err(e) = self.claimer.release(batch.token, &ids).await {
-            tracing::warn!(subscriber = %self.sub.name, error = %e, rows = ids.len(), "release of a prefetched batch failed; the rows come back when their lease expires");
+    /// Releases rows that will not be finished (shutdown), without counting
+    /// an attempt.
+    async fn give_back(&self, token: Uuid, ids: &[i64]) {
+        if let Err(e) = self.claimer.release(token, ids).await {
+            tracing::warn!(subscriber = %self.sub.name, error = %e, rows = ids.len(), "release failed; the rows come back when their lease expires");
         }
     }
 
@@ -390,11 +386,10 @@ impl SubRuntime {
         let mut acked_queues = Vec::new();
         let mut retried_queues = Vec::new();
         let mut failed = Vec::new();
-        for (i, fate) in fates.into_iter().enumerate() {
-            let env = &rows[i];
+        for ((env, fate), position) in rows.iter().zip(fates).zip(positions) {
             match fate.unwrap_or(Fate::Release) {
                 Fate::Ack => {
-                    acks.push(positions[i].clone());
+                    acks.push(position);
                     acked_queues.push(env.queue.as_str());
                 }
                 Fate::Release => release.push(env.id),
