@@ -1256,3 +1256,115 @@ async fn a_worker_busy_with_partial_batches_is_woken_and_a_crashed_claim_comes_b
     assert_eq!(handled, published, "every row handled exactly once");
     db.drop_db().await;
 }
+
+/// Claimers whose leases expire at once (TTL 0) race for the same rows, so a
+/// claim often meets a row that another claim updated after its snapshot (the
+/// row lock then follows the update to the newest version, and the update
+/// finds that version by position). Every claim of a row adds one to its
+/// `deliveries`: if a claim took a row it had not locked, took a row of
+/// another queue, or two claims saw the same version, the numbers returned
+/// would repeat or skip. In the end only each row's last claim can ack it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claims_racing_for_expired_leases_take_each_row_version_once() {
+    let db = setup().await;
+    let ob = Outbox::default();
+    for q in ["race", "race2", "other"] {
+        let msgs = (0..200)
+            .map(|i| Message::json(q, &i).unwrap().key(format!("k{}", i % 5)))
+            .collect();
+        ob.publish_batch(&db.pool, msgs).await.unwrap();
+    }
+    type Seen = Arc<Mutex<Vec<outbox::claim::Batch>>>;
+    let seen: Seen = Arc::default();
+    let race = |queues: &[&str], seen: Seen| {
+        let claimer = Claimer::new(
+            db.pool.clone(),
+            Tables::default(),
+            queues.iter().map(|q| q.to_string()).collect(),
+        )
+        .unwrap()
+        .with_batch_size(40)
+        .with_lease_ttl(Duration::ZERO);
+        async move {
+            for _ in 0..40 {
+                let b = claimer.claim().await.unwrap();
+                seen.lock().unwrap().push(b);
+            }
+        }
+    };
+    tokio::join!(
+        race(&["race"], seen.clone()),
+        race(&["race"], seen.clone()),
+        race(&["race"], seen.clone()),
+        race(&["race", "race2"], seen.clone()),
+        race(&["race", "race2"], seen.clone()),
+    );
+    let batches = std::mem::take(&mut *seen.lock().unwrap());
+    let mut deliveries: HashMap<i64, Vec<u32>> = HashMap::new();
+    for b in &batches {
+        let mut ids: Vec<i64> = b.rows.iter().map(|r| r.id).collect();
+        ids.dedup();
+        assert_eq!(ids.len(), b.rows.len(), "a row twice in one claim");
+        for r in &b.rows {
+            assert_ne!(
+                r.queue, "other",
+                "a claim took a row of a queue it does not serve"
+            );
+            // `attempt` is the row's `deliveries` after this claim.
+            deliveries.entry(r.id).or_default().push(r.attempt);
+        }
+    }
+    let claims: usize = deliveries.values().map(Vec::len).sum();
+    assert!(
+        claims > 600,
+        "the claimers should have taken rows over from each other ({claims} claims of rows)"
+    );
+    let stored: HashMap<i64, i32> = sqlx::query("SELECT id, deliveries FROM outbox")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.get("id"), r.get("deliveries")))
+        .collect();
+    for (id, mut seen) in deliveries.clone() {
+        seen.sort_unstable();
+        let expected: Vec<u32> = (1..=stored[&id] as u32).collect();
+        assert_eq!(
+            seen, expected,
+            "row {id}: every claim counted once, each saw its own version"
+        );
+    }
+    assert_eq!(
+        count(
+            &db.pool,
+            "SELECT count(*) FROM outbox WHERE queue = 'other' AND deliveries > 0"
+        )
+        .await,
+        0
+    );
+
+    // Acks, oldest claim first: a row goes only with its last claim's token
+    // and position, never with an earlier one.
+    let acker = Claimer::new(db.pool.clone(), Tables::default(), vec!["race".into()]).unwrap();
+    for b in &batches {
+        let last_claims = b
+            .rows
+            .iter()
+            .filter(|r| r.attempt as i32 == stored[&r.id])
+            .count();
+        let deleted = acker.ack_at(b.token, &b.positions).await.unwrap();
+        assert_eq!(
+            deleted as usize, last_claims,
+            "an ack deletes exactly the rows its claim still holds"
+        );
+    }
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM outbox WHERE deliveries > 0").await,
+        0
+    );
+    assert_eq!(
+        count(&db.pool, "SELECT count(*) FROM outbox").await,
+        600 - deliveries.len() as i64
+    );
+    db.drop_db().await;
+}

@@ -35,8 +35,74 @@ pub struct Batch {
 /// rows by it without an index lookup each. It is only good for the lease that
 /// produced it: once a row is updated (its lease taken over), the row is
 /// elsewhere and an ack at the old position deletes nothing.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RowPosition(String);
+///
+/// It travels in PostgreSQL's binary form (`tid`: block and line number), so
+/// neither side formats or parses text per row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowPosition {
+    block: u32,
+    line: u16,
+}
+
+const TID_OID: sqlx::postgres::types::Oid = sqlx::postgres::types::Oid(27);
+const TID_ARRAY_OID: sqlx::postgres::types::Oid = sqlx::postgres::types::Oid(1010);
+
+impl sqlx::Type<sqlx::Postgres> for RowPosition {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        sqlx::postgres::PgTypeInfo::with_oid(TID_OID)
+    }
+}
+
+impl sqlx::postgres::PgHasArrayType for RowPosition {
+    fn array_type_info() -> sqlx::postgres::PgTypeInfo {
+        sqlx::postgres::PgTypeInfo::with_oid(TID_ARRAY_OID)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, sqlx::Postgres> for RowPosition {
+    fn decode(value: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        use sqlx::postgres::PgValueFormat;
+        match value.format() {
+            PgValueFormat::Binary => match value.as_bytes()? {
+                &[b0, b1, b2, b3, l0, l1] => Ok(Self {
+                    block: u32::from_be_bytes([b0, b1, b2, b3]),
+                    line: u16::from_be_bytes([l0, l1]),
+                }),
+                other => Err(format!("a tid is 6 bytes, got {}", other.len()).into()),
+            },
+            // `(block,line)`, as `tidout` writes it.
+            PgValueFormat::Text => {
+                let text = value.as_str()?;
+                let inner = text
+                    .strip_prefix('(')
+                    .and_then(|t| t.strip_suffix(')'))
+                    .ok_or_else(|| format!("not a tid: {text:?}"))?;
+                let (block, line) = inner
+                    .split_once(',')
+                    .ok_or_else(|| format!("not a tid: {text:?}"))?;
+                Ok(Self {
+                    block: block.parse()?,
+                    line: line.parse()?,
+                })
+            }
+        }
+    }
+}
+
+impl sqlx::Encode<'_, sqlx::Postgres> for RowPosition {
+    fn encode_by_ref(
+        &self,
+        buf: &mut sqlx::postgres::PgArgumentBuffer,
+    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        buf.extend_from_slice(&self.block.to_be_bytes());
+        buf.extend_from_slice(&self.line.to_be_bytes());
+        Ok(sqlx::encode::IsNull::No)
+    }
+
+    fn size_hint(&self) -> usize {
+        6
+    }
+}
 
 /// A row that failed for good.
 #[derive(Debug, Clone)]
@@ -160,7 +226,7 @@ impl Claimer {
                 use sqlx::Row;
                 Ok((
                     Envelope::from_row(row)?,
-                    RowPosition(row.try_get("position")?),
+                    row.try_get::<RowPosition, _>("position")?,
                 ))
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()?;
@@ -181,9 +247,8 @@ impl Claimer {
         if positions.is_empty() {
             return Ok(0);
         }
-        let tids: Vec<&str> = positions.iter().map(|p| p.0.as_str()).collect();
         let done = sqlx::query(&self.ack_at_sql)
-            .bind(tids)
+            .bind(positions)
             .bind(token)
             .execute(&self.pool)
             .await?;

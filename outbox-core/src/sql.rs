@@ -6,10 +6,13 @@
 use crate::Tables;
 
 /// The columns a claim returns, in the order [`crate::claim`] reads them.
+/// Times go out as integers computed in `float8` (`date_part`): `extract`
+/// computes in `numeric`, several times slower per row, for a precision
+/// (below the microsecond) nothing here uses.
 const RETURNING: &str = "o.id, o.queue, o.payload, o.headers, o.partition_key, o.correlation_id, \
-     o.attempts, o.deliveries, (extract(epoch from o.created_at) * 1000)::int8 AS created_at_ms, \
-     (extract(epoch from (now() - o.first_attempt_at)) * 1000000)::int8 AS elapsed_us, \
-     o.ctid::text AS position";
+     o.attempts, o.deliveries, (date_part('epoch', o.created_at) * 1000)::int8 AS created_at_ms, \
+     (date_part('epoch', now() - o.first_attempt_at) * 1000000)::int8 AS elapsed_us, \
+     o.ctid AS position";
 
 /// `next_attempt_at` of a new row from `$delay_us` / `$at_epoch_us` parameters.
 fn due(delay: &str, at: &str) -> String {
@@ -119,11 +122,17 @@ pub(crate) enum ClaimScope {
 /// * several queues: one such index walk per queue (`LATERAL`), merged;
 /// * every queue: the primary key, by id.
 ///
-/// The update finds the picked rows by `id = ANY(ARRAY(...))`: primary-key
-/// lookups whatever the statistics say. (Joined as `FROM picked WHERE o.id =
+/// The update finds the picked rows by `ctid = ANY(ARRAY(...))`, a TID scan
+/// whatever the statistics say. (Joined as `FROM picked WHERE o.id =
 /// picked.id`, the generic plan of the prepared statement chose a hash join
 /// over a sequential scan of the whole table: 40-50 ms per claim of 500 rows
-/// at 100,000 pending, instead of about 2 ms.)
+/// at 100,000 pending. By `id = ANY(...)`, a primary-key descent per row was
+/// a quarter of the claim's time.) The `ctid` a row lock returns is the
+/// version it locked, the newest (under READ COMMITTED, `FOR UPDATE` follows
+/// a concurrent update to it), and no one else can change or remove that
+/// version before this statement ends. The update still checks the queue and
+/// that no live lease holds the row, so that it can only ever take a row the
+/// pick could have taken.
 pub(crate) fn claim(t: &Tables, scope: ClaimScope) -> String {
     let o = t.outbox.quoted();
     let pick = |queue_filter: &str, order: &str, head_only: bool| {
@@ -137,11 +146,11 @@ pub(crate) fn claim(t: &Tables, scope: ClaimScope) -> String {
             String::new()
         };
         format!(
-            "SELECT c.id, c.{order} AS ord FROM {o} c \
+            "SELECT c.ctid AS pos, c.{order} AS ord FROM {o} c \
              WHERE {queue_filter} c.parked_at IS NULL AND c.next_attempt_at <= now() \
-               AND (c.lease_token IS NULL OR c.lease_expires_at <= now()) \
-               {head} \
-             ORDER BY c.{order} LIMIT $2 FOR UPDATE SKIP LOCKED"
+               AND {claimable} {head} \
+             ORDER BY c.{order} LIMIT $2 FOR UPDATE SKIP LOCKED",
+            claimable = claimable("c"),
         )
     };
     let picked = match scope {
@@ -155,23 +164,35 @@ pub(crate) fn claim(t: &Tables, scope: ClaimScope) -> String {
                 ("id", true)
             };
             format!(
-                "SELECT l.id, l.ord FROM unnest($1::text[]) AS q(name) \
+                "SELECT l.pos, l.ord FROM unnest($1::text[]) AS q(name) \
                  CROSS JOIN LATERAL ({inner}) AS l ORDER BY l.ord LIMIT $2",
                 inner = pick("c.queue = q.name AND", order, head)
             )
         }
+    };
+    let queue_check = match scope {
+        ClaimScope::Queue | ClaimScope::QueueOrdered => "o.queue = $1::text AND",
+        ClaimScope::Queues | ClaimScope::QueuesOrdered => "o.queue = ANY($1::text[]) AND",
+        ClaimScope::All => "",
     };
     format!(
         "WITH {ASYNC_COMMIT}, picked AS ({picked}) \
          UPDATE {o} o SET lease_token = $4, lease_acquired_at = now(), \
              lease_expires_at = now() + $3::int8 * interval '1 microsecond', deliveries = o.deliveries + 1, \
              first_attempt_at = coalesce(o.first_attempt_at, now()), last_attempt_at = now() \
-         FROM sc WHERE o.id = ANY(ARRAY(SELECT id FROM picked)) \
-         RETURNING {RETURNING}"
+         FROM sc WHERE o.ctid = ANY(ARRAY(SELECT pos FROM picked)) \
+           AND {queue_check} o.parked_at IS NULL AND {claimable} \
+         RETURNING {RETURNING}",
+        claimable = claimable("o"),
     )
 }
 
-/// `$1` positions (`ctid`s as text), `$2` token. The claim returned where it
+/// A row no live lease holds.
+fn claimable(alias: &str) -> String {
+    format!("({alias}.lease_token IS NULL OR {alias}.lease_expires_at <= now())")
+}
+
+/// `$1` positions (`ctid`s), `$2` token. The claim returned where it
 /// wrote each row; a TID scan finds them without a primary-key descent per
 /// row (about a quarter of the claim -> ack cycle's cost at batch 500). A row
 /// updated since (its lease taken over, by a later claim) is at another
@@ -179,7 +200,7 @@ pub(crate) fn claim(t: &Tables, scope: ClaimScope) -> String {
 pub(crate) fn ack_at(t: &Tables) -> String {
     format!(
         "WITH {ASYNC_COMMIT} DELETE FROM {o} o USING sc \
-         WHERE o.ctid = ANY($1::text[]::tid[]) AND o.lease_token = $2",
+         WHERE o.ctid = ANY($1::tid[]) AND o.lease_token = $2",
         o = t.outbox.quoted()
     )
 }
