@@ -1368,3 +1368,105 @@ async fn claims_racing_for_expired_leases_take_each_row_version_once() {
     );
     db.drop_db().await;
 }
+
+/// A subscriber of every queue (the relay's claim) starts each claim after the
+/// rows it claimed before while claims come back full, instead of walking past
+/// every leased row from the lowest id. Rows below that point that become
+/// claimable during a long backlog are not left for its end: a row committed
+/// late with a lower id, and a retry that falls due, are handled while the
+/// backlog still drains (a claim starts from the lowest id at least every
+/// second), and every row is handled once (the retried one twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_subscriber_of_every_queue_takes_rows_below_its_cursor_during_a_backlog() {
+    let db = setup().await;
+    let pool = &db.pool;
+    // The late row takes the lowest id, and commits once the backlog drains.
+    let mut late_tx = pool.begin().await.unwrap();
+    let late = outbox::publish(&mut *late_tx, "late", &"late")
+        .await
+        .unwrap();
+    let n = 6_000;
+    let ob = Outbox::default();
+    for chunk in (0..n).collect::<Vec<usize>>().chunks(1_000) {
+        let msgs = chunk
+            .iter()
+            .map(|i| Message::json(if i % 2 == 0 { "qa" } else { "qb" }, i).unwrap())
+            .collect();
+        ob.publish_batch(pool, msgs).await.unwrap();
+    }
+    let first_backlog_id: i64 =
+        sqlx::query_scalar("SELECT min(id) FROM outbox WHERE queue <> 'late'")
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    let retried = first_backlog_id + 10;
+
+    let calls: Calls = Default::default();
+    let seen = calls.clone();
+    let failed_once = Arc::new(AtomicUsize::new(0));
+    let handler = move |env: Arc<Envelope>, _ctx: Context| {
+        seen.lock().unwrap().push((env.id, Instant::now()));
+        let fail = env.id == retried && failed_once.fetch_add(1, Ordering::SeqCst) == 0;
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            if fail {
+                Err(HandlerError::transient("fails once"))
+            } else {
+                Ok(Output::none())
+            }
+        }) as BoxFuture<'static, Result<Output, HandlerError>>
+    };
+    // About 2,000 rows/s: the backlog lasts about 3 s.
+    let sub = fast(Subscriber::new("every", handler).all_queues())
+        .batch_size(50)
+        .concurrency(5)
+        .workers(2)
+        .retry(ConstantRetry::new(Duration::from_millis(100)).jitter(0.0));
+    let running = App::manual(pool.clone())
+        .register(sub)
+        .start()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    late_tx.commit().await.unwrap();
+    eventually("outbox drained", Duration::from_secs(60), || async {
+        count(pool, "select count(*) from outbox").await == 0
+    })
+    .await;
+    running.shutdown().await;
+
+    let calls = calls.lock().unwrap().clone();
+    let mut per_row: HashMap<i64, usize> = HashMap::new();
+    for (id, _) in &calls {
+        *per_row.entry(*id).or_default() += 1;
+    }
+    assert_eq!(per_row.len(), n + 1, "every row handled");
+    assert_eq!(per_row[&retried], 2, "the failed row handled again");
+    assert!(
+        per_row.iter().all(|(id, c)| *id == retried || *c == 1),
+        "no other row handled twice"
+    );
+    let at = |id: i64| {
+        calls
+            .iter()
+            .filter(|(i, _)| *i == id)
+            .map(|(_, t)| *t)
+            .max()
+            .unwrap()
+    };
+    let backlog_done = calls.iter().map(|(_, t)| *t).max().unwrap();
+    let started = calls.iter().map(|(_, t)| *t).min().unwrap();
+    assert!(
+        backlog_done - started > Duration::from_secs(2),
+        "the backlog should last a few seconds (took {:?})",
+        backlog_done - started
+    );
+    for (what, id) in [("late row", late), ("retried row", retried)] {
+        assert!(
+            backlog_done - at(id) > Duration::from_millis(500),
+            "the {what} was left for the end of the backlog ({:?} before its end)",
+            backlog_done - at(id)
+        );
+    }
+    db.drop_db().await;
+}

@@ -79,10 +79,10 @@ async fn rows_pending_while_kafka_is_down_all_arrive() {
 
     // While Kafka is down, sends fail within the write timeout and the rows
     // are nacked, retried, and never lost or dead-lettered. The relay claims
-    // by id, so rows whose retry is due go before younger rows: during an
-    // outage the oldest rows are the ones retried, the younger ones wait
-    // untouched (see the book's relay chapter). Wait until some rows have been
-    // retried at least twice: the relay keeps trying.
+    // by id: it works through the backlog in id order and returns to the rows
+    // whose retry is due at least every second; the rows it has not reached
+    // wait untouched (see the book's relay chapter). Wait until some rows have
+    // been retried at least twice: the relay keeps trying.
     let deadline = Instant::now() + Duration::from_secs(90);
     while count(&db.pool, "select count(*) from outbox where attempts >= 2").await == 0 {
         assert!(

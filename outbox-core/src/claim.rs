@@ -16,7 +16,8 @@
 use crate::sql::{self, ClaimScope};
 use crate::{Envelope, Error, FailureReason, TableName, Tables};
 use sqlx::PgPool;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use uuid::Uuid;
 
 /// A claimed batch: the lease token and the rows.
@@ -140,8 +141,27 @@ pub struct Claimer {
     release_sql: String,
     park_sql: String,
     dead_letter_sql: Option<String>,
+    /// Where the next claim of every queue starts (`None` for the other scopes).
+    cursor: Option<Arc<Mutex<Cursor>>>,
 }
 
+/// How long claims of every queue may start after the rows claimed before
+/// (skipping the leased ones) before one starts from the lowest id again.
+const CURSOR_RESCAN: Duration = Duration::from_secs(1);
+
+/// Claims of every queue walk the primary key from the lowest id, past every
+/// row still leased (in a backlog: the batches being handled and published,
+/// one heap fetch each, about half of a claim's time in the relay). While
+/// claims come back full, the next one starts after the highest id claimed so
+/// far instead. Rows below it that become claimable meanwhile (a retry that
+/// is due, an expired lease, a row committed late with a lower id) are taken
+/// by the claim that starts from the lowest id again: whenever the rows above
+/// the cursor run out, and at least every [`CURSOR_RESCAN`].
+#[derive(Debug)]
+struct Cursor {
+    after: i64,
+    rescanned: Instant,
+}
 impl Claimer {
     /// A claimer of the given queues with 100 rows per claim, a 30 s lease, and
     /// the tables' dead-letter table.
@@ -184,6 +204,12 @@ impl Claimer {
             release_sql: sql::release(tables),
             park_sql: sql::park(tables),
             dead_letter_sql: dlq.map(|d| sql::dead_letter(tables, &d)),
+            cursor: (scope == ClaimScope::All).then(|| {
+                Arc::new(Mutex::new(Cursor {
+                    after: 0,
+                    rescanned: Instant::now(),
+                }))
+            }),
         }
     }
 
@@ -204,23 +230,68 @@ impl Claimer {
         self.dead_letter_sql.is_some()
     }
 
-    /// Claims up to a batch of due rows with one statement.
+    /// Claims up to a batch of due rows with one statement (a claimer of
+    /// every queue, started after the rows it claimed before, may need a
+    /// second one from the lowest id; see [`Cursor`]).
     pub async fn claim(&self) -> Result<Batch, Error> {
         let token = Uuid::new_v4();
+        let after = self.cursor.as_ref().map_or(0, |c| {
+            let c = c.lock().expect("cursor lock");
+            if c.rescanned.elapsed() < CURSOR_RESCAN {
+                c.after
+            } else {
+                0
+            }
+        });
+        let mut out = self
+            .claim_rows(token, self.batch_size, (after, i64::MAX))
+            .await?;
+        let full = out.len() as i64 >= self.batch_size;
+        if after > 0 && !full {
+            // The rest from the lowest id, up to where the first claim started.
+            let rest = self.batch_size - out.len() as i64;
+            out.extend(self.claim_rows(token, rest, (0, after)).await?);
+        }
+        if let Some(cursor) = &self.cursor {
+            let mut c = cursor.lock().expect("cursor lock");
+            if after == 0 || !full {
+                c.rescanned = Instant::now();
+            }
+            c.after = match out.iter().map(|(e, _)| e.id).max() {
+                Some(max) if full => c.after.max(max),
+                _ => 0,
+            };
+        }
+        out.sort_unstable_by_key(|(e, _)| e.id);
+        let (rows, positions) = out.into_iter().unzip();
+        Ok(Batch {
+            token,
+            rows,
+            positions,
+        })
+    }
+
+    /// One claim statement: up to `limit` rows under `token`; `ids` bounds the
+    /// ids (`lower < id <= upper`) of a claimer of every queue.
+    async fn claim_rows(
+        &self,
+        token: Uuid,
+        limit: i64,
+        (lower, upper): (i64, i64),
+    ) -> Result<Vec<(Envelope, RowPosition)>, Error> {
         let mut q = sqlx::query(&self.claim_sql);
         q = match self.queues.as_deref() {
             // One queue: `queue = $1`, which walks the claim index in order.
             Some([queue]) => q.bind(queue),
             Some(queues) => q.bind(queues),
-            None => q.bind(Option::<Vec<String>>::None),
+            None => q.bind(lower),
         };
-        let rows = q
-            .bind(self.batch_size)
-            .bind(self.lease_ttl_us)
-            .bind(token)
-            .fetch_all(&self.pool)
-            .await?;
-        let mut out = rows
+        q = q.bind(limit).bind(self.lease_ttl_us).bind(token);
+        if self.queues.is_none() {
+            q = q.bind(upper);
+        }
+        let rows = q.fetch_all(&self.pool).await?;
+        Ok(rows
             .iter()
             .map(|row| {
                 use sqlx::Row;
@@ -229,14 +300,7 @@ impl Claimer {
                     row.try_get::<RowPosition, _>("position")?,
                 ))
             })
-            .collect::<Result<Vec<_>, sqlx::Error>>()?;
-        out.sort_unstable_by_key(|(e, _)| e.id);
-        let (rows, positions) = out.into_iter().unzip();
-        Ok(Batch {
-            token,
-            rows,
-            positions,
-        })
+            .collect::<Result<Vec<_>, sqlx::Error>>()?)
     }
 
     /// Deletes handled rows found by the positions their claim returned;

@@ -109,9 +109,9 @@ pub(crate) enum ClaimScope {
 }
 
 /// `$1` the queue (text) for `Queue`/`QueueOrdered`, the queues (text[]) for
-/// `Queues`/`QueuesOrdered`, absent for `All`; `$2` limit, `$3` lease TTL in
-/// µs, `$4` token. A lease ends at the expiry its claimer chose, whatever TTL a
-/// later claimer uses.
+/// `Queues`/`QueuesOrdered`; `$2` limit, `$3` lease TTL in µs, `$4` token. For
+/// `All`, `$1` and `$5` bound the ids: `$1 < id <= $5`. A lease ends at the
+/// expiry its claimer chose, whatever TTL a later claimer uses.
 ///
 /// Every form walks an index in the order it claims, so a claim reads about
 /// `limit` rows however long the backlog is:
@@ -156,7 +156,7 @@ pub(crate) fn claim(t: &Tables, scope: ClaimScope) -> String {
     let picked = match scope {
         ClaimScope::Queue => pick("c.queue = $1::text AND", "next_attempt_at", false),
         ClaimScope::QueueOrdered => pick("c.queue = $1::text AND", "id", true),
-        ClaimScope::All => pick("", "id", false),
+        ClaimScope::All => pick("c.id > $1::int8 AND c.id <= $5::int8 AND", "id", false),
         ClaimScope::Queues | ClaimScope::QueuesOrdered => {
             let (order, head) = if scope == ClaimScope::Queues {
                 ("next_attempt_at", false)
