@@ -105,7 +105,7 @@ async fn migrate_creates_the_tables_and_is_idempotent() {
     ok(&r);
     assert!(
         r.out
-            .contains("migrated: outbox outbox at v3, dead letters outbox_dlq at v1"),
+            .contains("migrated: outbox outbox at v4, dead letters outbox_dlq at v1"),
         "{}",
         r.out
     );
@@ -482,14 +482,14 @@ async fn validate_finds_missing_objects_and_advises_on_vacuum() {
     assert!(!r.out.contains("advice"), "{}", r.out);
     assert!(r.out.contains("autovacuum tuned"), "{}", r.out);
 
-    sqlx::query("DROP INDEX outbox_claim_idx")
+    sqlx::query("DROP INDEX outbox_due_idx")
         .execute(&db.pool)
         .await
         .unwrap();
     let r = cli(&db, &["validate"]).await;
     assert_eq!(r.exit, Exit::Problems, "{r:?}");
     assert!(
-        r.out.contains("index outbox_claim_idx is missing"),
+        r.out.contains("index outbox_due_idx is missing"),
         "{}",
         r.out
     );

@@ -141,27 +141,89 @@ pub struct Claimer {
     release_sql: String,
     park_sql: String,
     dead_letter_sql: Option<String>,
-    /// Where the next claim of every queue starts (`None` for the other scopes).
+    /// Where the next claim starts (claimers of one queue and of every
+    /// queue; `None` for the others).
     cursor: Option<Arc<Mutex<Cursor>>>,
+    /// Claims of every queue (the relay) order by id alone.
+    by_id: bool,
 }
 
-/// How long claims of every queue may start after the rows claimed before
-/// (skipping the leased ones) before one starts from the lowest id again.
+/// How long claims may start after the rows claimed before (skipping the
+/// leased ones) before one starts from the oldest due row again.
 const CURSOR_RESCAN: Duration = Duration::from_secs(1);
 
-/// Claims of every queue walk the primary key from the lowest id, past every
-/// row still leased (in a backlog: the batches being handled and published,
-/// one heap fetch each, about half of a claim's time in the relay). While
-/// claims come back full, the next one starts after the highest id claimed so
-/// far instead. Rows below it that become claimable meanwhile (a retry that
-/// is due, an expired lease, a row committed late with a lower id) are taken
-/// by the claim that starts from the lowest id again: whenever the rows above
-/// the cursor run out, and at least every [`CURSOR_RESCAN`].
+/// A claim walks the due rows in order (`(next_attempt_at, id)` for one
+/// queue, `id` for every queue) from the oldest, past every row still leased:
+/// in a backlog, the batches being handled and published, one heap fetch
+/// each, a third to a half of the claim's time. While claims come back full,
+/// the next one starts after the last row claimed so far instead. Rows before
+/// that point that become claimable meanwhile (an expired or given-back lease,
+/// a row committed late with an older id or time) are taken by the claim that
+/// starts from the oldest due row again: whenever the rows after the cursor
+/// run out, and at least every [`CURSOR_RESCAN`]. (A retry in one queue falls
+/// due after its nack, later than every row claimed before: after the cursor.
+/// In the id order of every queue it is before it, for the next such claim.)
 #[derive(Debug)]
 struct Cursor {
-    after: i64,
+    after: Option<ClaimKey>,
     rescanned: Instant,
 }
+
+/// A row's place in the claim order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct ClaimKey {
+    due: DbTime,
+    id: i64,
+}
+
+impl ClaimKey {
+    const FIRST: Self = Self {
+        due: DbTime(i64::MIN),
+        id: i64::MIN,
+    };
+    const LAST: Self = Self {
+        due: DbTime(i64::MAX),
+        id: i64::MAX,
+    };
+}
+
+/// A `timestamptz` in PostgreSQL's binary form: microseconds since
+/// 2000-01-01 UTC, `i64::MIN` and `i64::MAX` being `-infinity` and `infinity`.
+/// Compared exactly, as the index compares it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct DbTime(i64);
+
+const TIMESTAMPTZ_OID: sqlx::postgres::types::Oid = sqlx::postgres::types::Oid(1184);
+
+impl sqlx::Type<sqlx::Postgres> for DbTime {
+    fn type_info() -> sqlx::postgres::PgTypeInfo {
+        sqlx::postgres::PgTypeInfo::with_oid(TIMESTAMPTZ_OID)
+    }
+}
+
+impl<'r> sqlx::Decode<'r, sqlx::Postgres> for DbTime {
+    fn decode(value: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
+        match value.as_bytes()? {
+            &[a, b, c, d, e, f, g, h] => Ok(Self(i64::from_be_bytes([a, b, c, d, e, f, g, h]))),
+            other => Err(format!("a binary timestamptz is 8 bytes, got {}", other.len()).into()),
+        }
+    }
+}
+
+impl sqlx::Encode<'_, sqlx::Postgres> for DbTime {
+    fn encode_by_ref(
+        &self,
+        buf: &mut sqlx::postgres::PgArgumentBuffer,
+    ) -> Result<sqlx::encode::IsNull, sqlx::error::BoxDynError> {
+        buf.extend_from_slice(&self.0.to_be_bytes());
+        Ok(sqlx::encode::IsNull::No)
+    }
+
+    fn size_hint(&self) -> usize {
+        8
+    }
+}
+
 impl Claimer {
     /// A claimer of the given queues with 100 rows per claim, a 30 s lease, and
     /// the tables' dead-letter table.
@@ -204,12 +266,13 @@ impl Claimer {
             release_sql: sql::release(tables),
             park_sql: sql::park(tables),
             dead_letter_sql: dlq.map(|d| sql::dead_letter(tables, &d)),
-            cursor: (scope == ClaimScope::All).then(|| {
+            cursor: matches!(scope, ClaimScope::All | ClaimScope::Queue).then(|| {
                 Arc::new(Mutex::new(Cursor {
-                    after: 0,
+                    after: None,
                     rescanned: Instant::now(),
                 }))
             }),
+            by_id: scope == ClaimScope::All,
         }
     }
 
@@ -230,40 +293,39 @@ impl Claimer {
         self.dead_letter_sql.is_some()
     }
 
-    /// Claims up to a batch of due rows with one statement (a claimer of
-    /// every queue, started after the rows it claimed before, may need a
-    /// second one from the lowest id; see [`Cursor`]).
+    /// Claims up to a batch of due rows with one statement (a claim started
+    /// after the rows claimed before may need a second one from the oldest due
+    /// row; see [`Cursor`]).
     pub async fn claim(&self) -> Result<Batch, Error> {
         let token = Uuid::new_v4();
-        let after = self.cursor.as_ref().map_or(0, |c| {
+        let after = self.cursor.as_ref().and_then(|c| {
             let c = c.lock().expect("cursor lock");
-            if c.rescanned.elapsed() < CURSOR_RESCAN {
-                c.after
-            } else {
-                0
-            }
+            c.after.filter(|_| c.rescanned.elapsed() < CURSOR_RESCAN)
         });
         let mut out = self
-            .claim_rows(token, self.batch_size, (after, i64::MAX))
+            .claim_rows(
+                token,
+                self.batch_size,
+                after.unwrap_or(ClaimKey::FIRST),
+                ClaimKey::LAST,
+            )
             .await?;
         let full = out.len() as i64 >= self.batch_size;
-        if after > 0 && !full {
-            // The rest from the lowest id, up to where the first claim started.
+        if let (Some(after), false) = (after, full) {
+            // The rest from the oldest due row, up to where the first claim started.
             let rest = self.batch_size - out.len() as i64;
-            out.extend(self.claim_rows(token, rest, (0, after)).await?);
+            out.extend(self.claim_rows(token, rest, ClaimKey::FIRST, after).await?);
         }
         if let Some(cursor) = &self.cursor {
+            let last = out.iter().map(|(_, _, key)| *key).max();
             let mut c = cursor.lock().expect("cursor lock");
-            if after == 0 || !full {
+            if after.is_none() || !full {
                 c.rescanned = Instant::now();
             }
-            c.after = match out.iter().map(|(e, _)| e.id).max() {
-                Some(max) if full => c.after.max(max),
-                _ => 0,
-            };
+            c.after = if full { c.after.max(last) } else { None };
         }
-        out.sort_unstable_by_key(|(e, _)| e.id);
-        let (rows, positions) = out.into_iter().unzip();
+        out.sort_unstable_by_key(|(e, _, _)| e.id);
+        let (rows, positions) = out.into_iter().map(|(e, p, _)| (e, p)).unzip();
         Ok(Batch {
             token,
             rows,
@@ -271,34 +333,49 @@ impl Claimer {
         })
     }
 
-    /// One claim statement: up to `limit` rows under `token`; `ids` bounds the
-    /// ids (`lower < id <= upper`) of a claimer of every queue.
+    /// One claim statement: up to `limit` rows under `token`, from after
+    /// `lower` up to `upper` in the claim order (claimers with a cursor).
     async fn claim_rows(
         &self,
         token: Uuid,
         limit: i64,
-        (lower, upper): (i64, i64),
-    ) -> Result<Vec<(Envelope, RowPosition)>, Error> {
+        lower: ClaimKey,
+        upper: ClaimKey,
+    ) -> Result<Vec<(Envelope, RowPosition, ClaimKey)>, Error> {
         let mut q = sqlx::query(&self.claim_sql);
         q = match self.queues.as_deref() {
             // One queue: `queue = $1`, which walks the claim index in order.
             Some([queue]) => q.bind(queue),
             Some(queues) => q.bind(queues),
-            None => q.bind(lower),
+            None => q.bind(lower.id),
         };
         q = q.bind(limit).bind(self.lease_ttl_us).bind(token);
-        if self.queues.is_none() {
-            q = q.bind(upper);
+        if self.by_id {
+            q = q.bind(upper.id);
+        } else if self.cursor.is_some() {
+            q = q
+                .bind(lower.due)
+                .bind(lower.id)
+                .bind(upper.due)
+                .bind(upper.id);
         }
         let rows = q.fetch_all(&self.pool).await?;
+        let by_id = self.by_id;
         Ok(rows
             .iter()
             .map(|row| {
                 use sqlx::Row;
-                Ok((
-                    Envelope::from_row(row)?,
-                    row.try_get::<RowPosition, _>("position")?,
-                ))
+                let env = Envelope::from_row(row)?;
+                let key = ClaimKey {
+                    // Every queue: the order is by id alone.
+                    due: if by_id {
+                        DbTime(0)
+                    } else {
+                        row.try_get("due")?
+                    },
+                    id: env.id,
+                };
+                Ok((env, row.try_get::<RowPosition, _>("position")?, key))
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()?)
     }

@@ -70,6 +70,11 @@ const OUTBOX_MIGRATIONS: &[Migration] = &[
         name: "room for every row of a page to be claimed at once (fillfactor 45)",
         sql: outbox_v3,
     },
+    Migration {
+        version: 4,
+        name: "claim index ordered by (next_attempt_at, id)",
+        sql: outbox_v4,
+    },
 ];
 
 const DLQ_MIGRATIONS: &[Migration] = &[Migration {
@@ -141,6 +146,19 @@ fn outbox_v2(t: &TableName) -> String {
 /// room for all of them: about 15% less time and WAL per claimed row.
 fn outbox_v3(t: &TableName) -> String {
     format!("ALTER TABLE {} SET (fillfactor = 45);", t.quoted())
+}
+
+/// Claims of one queue walk the due rows in `(next_attempt_at, id)` order, so
+/// that a claim can start after the last row claimed (a row comparison on the
+/// index), not only at the oldest due row. Replaces `_claim_idx`.
+fn outbox_v4(t: &TableName) -> String {
+    format!(
+        "CREATE INDEX IF NOT EXISTS {due_idx} ON {o} (queue, next_attempt_at, id) WHERE parked_at IS NULL;\n\
+         DROP INDEX IF EXISTS {claim_idx};",
+        due_idx = t.ident("_due_idx"),
+        o = t.quoted(),
+        claim_idx = t.derived("_claim_idx"),
+    )
 }
 
 fn dlq_v1(t: &TableName) -> String {

@@ -12,7 +12,7 @@ use crate::Tables;
 const RETURNING: &str = "o.id, o.queue, o.payload, o.headers, o.partition_key, o.correlation_id, \
      o.attempts, o.deliveries, (date_part('epoch', o.created_at) * 1000)::int8 AS created_at_ms, \
      (date_part('epoch', now() - o.first_attempt_at) * 1000000)::int8 AS elapsed_us, \
-     o.ctid AS position";
+     o.ctid AS position, o.next_attempt_at AS due";
 
 /// `next_attempt_at` of a new row from `$delay_us` / `$at_epoch_us` parameters.
 fn due(delay: &str, at: &str) -> String {
@@ -110,15 +110,18 @@ pub(crate) enum ClaimScope {
 
 /// `$1` the queue (text) for `Queue`/`QueueOrdered`, the queues (text[]) for
 /// `Queues`/`QueuesOrdered`; `$2` limit, `$3` lease TTL in µs, `$4` token. For
-/// `All`, `$1` and `$5` bound the ids: `$1 < id <= $5`. A lease ends at the
-/// expiry its claimer chose, whatever TTL a later claimer uses.
+/// `All`, `$1` and `$5` bound the ids: `$1 < id <= $5`. For `Queue`, `$5` to
+/// `$8` bound the claim order: `($5, $6) < (next_attempt_at, id) <= ($7, $8)`.
+/// A lease ends at the expiry its claimer chose, whatever TTL a later claimer
+/// uses.
 ///
 /// Every form walks an index in the order it claims, so a claim reads about
 /// `limit` rows however long the backlog is:
-/// * `queue = $1 ... ORDER BY next_attempt_at` walks the partial index
-///   `claim_idx (queue, next_attempt_at) WHERE parked_at IS NULL`. (`queue =
-///   ANY($1)` cannot give that order on PostgreSQL 15: the planner sorted the
-///   whole backlog on every claim, about 160 ms for 200,000 rows.)
+/// * `queue = $1 ... ORDER BY next_attempt_at, id` walks the partial index
+///   `due_idx (queue, next_attempt_at, id) WHERE parked_at IS NULL`, from the
+///   row comparison's lower bound. (`queue = ANY($1)` cannot give that order
+///   on PostgreSQL 15: the planner sorted the whole backlog on every claim,
+///   about 160 ms for 200,000 rows.)
 /// * several queues: one such index walk per queue (`LATERAL`), merged;
 /// * every queue: the primary key, by id.
 ///
@@ -135,7 +138,7 @@ pub(crate) enum ClaimScope {
 /// pick could have taken.
 pub(crate) fn claim(t: &Tables, scope: ClaimScope) -> String {
     let o = t.outbox.quoted();
-    let pick = |queue_filter: &str, order: &str, head_only: bool| {
+    let pick = |queue_filter: &str, ord: &str, order_by: &str, head_only: bool| {
         let head = if head_only {
             format!(
                 "AND (c.partition_key IS NULL OR NOT EXISTS (\
@@ -146,17 +149,28 @@ pub(crate) fn claim(t: &Tables, scope: ClaimScope) -> String {
             String::new()
         };
         format!(
-            "SELECT c.ctid AS pos, c.{order} AS ord FROM {o} c \
+            "SELECT c.ctid AS pos, c.{ord} AS ord FROM {o} c \
              WHERE {queue_filter} c.parked_at IS NULL AND c.next_attempt_at <= now() \
                AND {claimable} {head} \
-             ORDER BY c.{order} LIMIT $2 FOR UPDATE SKIP LOCKED",
+             ORDER BY {order_by} LIMIT $2 FOR UPDATE SKIP LOCKED",
             claimable = claimable("c"),
         )
     };
     let picked = match scope {
-        ClaimScope::Queue => pick("c.queue = $1::text AND", "next_attempt_at", false),
-        ClaimScope::QueueOrdered => pick("c.queue = $1::text AND", "id", true),
-        ClaimScope::All => pick("c.id > $1::int8 AND c.id <= $5::int8 AND", "id", false),
+        ClaimScope::Queue => pick(
+            "c.queue = $1::text AND (c.next_attempt_at, c.id) > ($5::timestamptz, $6::int8) \
+             AND (c.next_attempt_at, c.id) <= ($7::timestamptz, $8::int8) AND",
+            "next_attempt_at",
+            "c.next_attempt_at, c.id",
+            false,
+        ),
+        ClaimScope::QueueOrdered => pick("c.queue = $1::text AND", "id", "c.id", true),
+        ClaimScope::All => pick(
+            "c.id > $1::int8 AND c.id <= $5::int8 AND",
+            "id",
+            "c.id",
+            false,
+        ),
         ClaimScope::Queues | ClaimScope::QueuesOrdered => {
             let (order, head) = if scope == ClaimScope::Queues {
                 ("next_attempt_at", false)
@@ -166,7 +180,7 @@ pub(crate) fn claim(t: &Tables, scope: ClaimScope) -> String {
             format!(
                 "SELECT l.pos, l.ord FROM unnest($1::text[]) AS q(name) \
                  CROSS JOIN LATERAL ({inner}) AS l ORDER BY l.ord LIMIT $2",
-                inner = pick("c.queue = q.name AND", order, head)
+                inner = pick("c.queue = q.name AND", order, &format!("c.{order}"), head)
             )
         }
     };

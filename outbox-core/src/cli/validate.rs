@@ -29,13 +29,7 @@ const OUTBOX_COLUMNS: &[(&str, &str)] = &[
     ("last_error", "text"),
 ];
 /// Index suffixes of the outbox table.
-const OUTBOX_INDEXES: &[&str] = &[
-    "_pkey",
-    "_claim_idx",
-    "_key_idx",
-    "_timer_idx",
-    "_parked_idx",
-];
+const OUTBOX_INDEXES: &[&str] = &["_pkey", "_due_idx", "_key_idx", "_timer_idx", "_parked_idx"];
 const LISTENER_COLUMNS: &[(&str, &str)] = &[("listener", "uuid"), ("idle_until", TIMESTAMPTZ)];
 const DLQ_COLUMNS: &[(&str, &str)] = &[
     ("id", "bigint"),
