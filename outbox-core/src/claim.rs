@@ -62,30 +62,12 @@ impl sqlx::postgres::PgHasArrayType for RowPosition {
 
 impl<'r> sqlx::Decode<'r, sqlx::Postgres> for RowPosition {
     fn decode(value: sqlx::postgres::PgValueRef<'r>) -> Result<Self, sqlx::error::BoxDynError> {
-        use sqlx::postgres::PgValueFormat;
-        match value.format() {
-            PgValueFormat::Binary => match value.as_bytes()? {
-                &[b0, b1, b2, b3, l0, l1] => Ok(Self {
-                    block: u32::from_be_bytes([b0, b1, b2, b3]),
-                    line: u16::from_be_bytes([l0, l1]),
-                }),
-                other => Err(format!("a tid is 6 bytes, got {}", other.len()).into()),
-            },
-            // `(block,line)`, as `tidout` writes it.
-            PgValueFormat::Text => {
-                let text = value.as_str()?;
-                let inner = text
-                    .strip_prefix('(')
-                    .and_then(|t| t.strip_suffix(')'))
-                    .ok_or_else(|| format!("not a tid: {text:?}"))?;
-                let (block, line) = inner
-                    .split_once(',')
-                    .ok_or_else(|| format!("not a tid: {text:?}"))?;
-                Ok(Self {
-                    block: block.parse()?,
-                    line: line.parse()?,
-                })
-            }
+        match value.as_bytes()? {
+            &[b0, b1, b2, b3, l0, l1] => Ok(Self {
+                block: u32::from_be_bytes([b0, b1, b2, b3]),
+                line: u16::from_be_bytes([l0, l1]),
+            }),
+            other => Err(format!("a binary tid is 6 bytes, got {}", other.len()).into()),
         }
     }
 }
@@ -366,16 +348,13 @@ impl Claimer {
             .map(|row| {
                 use sqlx::Row;
                 let env = Envelope::from_row(row)?;
+                // The columns after the envelope's: `position`, `due`.
                 let key = ClaimKey {
                     // Every queue: the order is by id alone.
-                    due: if by_id {
-                        DbTime(0)
-                    } else {
-                        row.try_get("due")?
-                    },
+                    due: if by_id { DbTime(0) } else { row.try_get(11)? },
                     id: env.id,
                 };
-                Ok((env, row.try_get::<RowPosition, _>("position")?, key))
+                Ok((env, row.try_get::<RowPosition, _>(10)?, key))
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()?)
     }
