@@ -72,6 +72,17 @@ async fn wait_until_idle(pool: &PgPool) {
     .await;
 }
 
+/// Publishes `per_queue` rows (JSON numbers 0..) to each queue, with keys
+/// `k0` to `k{keys - 1}` in turn, one batch per queue.
+async fn publish_keyed(pool: &PgPool, queues: &[&str], per_queue: usize, keys: usize) {
+    for &q in queues {
+        let msgs = (0..per_queue)
+            .map(|i| Message::json(q, &i).unwrap().key(format!("k{}", i % keys)))
+            .collect();
+        Outbox::default().publish_batch(pool, msgs).await.unwrap();
+    }
+}
+
 fn fast(sub: Subscriber) -> Subscriber {
     sub.poll_interval(Duration::from_millis(10), Duration::from_millis(50))
 }
@@ -1080,13 +1091,7 @@ async fn notify_is_sent_only_while_a_subscriber_is_idle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_claim_form_skips_leased_rows_and_takes_over_a_crashed_claimers_rows() {
     let db = setup().await;
-    let ob = Outbox::default();
-    for q in ["qa", "qb", "qc"] {
-        let msgs = (0..100)
-            .map(|i| Message::json(q, &i).unwrap().key(format!("k{}", i % 7)))
-            .collect();
-        ob.publish_batch(&db.pool, msgs).await.unwrap();
-    }
+    publish_keyed(&db.pool, &["qa", "qb", "qc"], 100, 7).await;
     let two = vec!["qa".to_owned(), "qb".to_owned()];
     let crashed = Claimer::new(db.pool.clone(), Tables::default(), two.clone())
         .unwrap()
@@ -1267,13 +1272,7 @@ async fn a_worker_busy_with_partial_batches_is_woken_and_a_crashed_claim_comes_b
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn claims_racing_for_expired_leases_take_each_row_version_once() {
     let db = setup().await;
-    let ob = Outbox::default();
-    for q in ["race", "race2", "other"] {
-        let msgs = (0..200)
-            .map(|i| Message::json(q, &i).unwrap().key(format!("k{}", i % 5)))
-            .collect();
-        ob.publish_batch(&db.pool, msgs).await.unwrap();
-    }
+    publish_keyed(&db.pool, &["race", "race2", "other"], 200, 5).await;
     type Seen = Arc<Mutex<Vec<outbox::claim::Batch>>>;
     let seen: Seen = Arc::default();
     let race = |queues: &[&str], seen: Seen| {

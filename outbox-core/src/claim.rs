@@ -123,11 +123,11 @@ pub struct Claimer {
     release_sql: String,
     park_sql: String,
     dead_letter_sql: Option<String>,
+    /// Which rows a claim may take, and the parameters its statement binds.
+    scope: ClaimScope,
     /// Where the next claim starts (claimers of one queue and of every
     /// queue; `None` for the others).
     cursor: Option<Arc<Mutex<Cursor>>>,
-    /// Claims of every queue (the relay) order by id alone.
-    by_id: bool,
 }
 
 /// How long claims may start after the rows claimed before (skipping the
@@ -254,7 +254,7 @@ impl Claimer {
                     rescanned: Instant::now(),
                 }))
             }),
-            by_id: scope == ClaimScope::All,
+            scope,
         }
     }
 
@@ -332,17 +332,17 @@ impl Claimer {
             None => q.bind(lower.id),
         };
         q = q.bind(limit).bind(self.lease_ttl_us).bind(token);
-        if self.by_id {
-            q = q.bind(upper.id);
-        } else if self.cursor.is_some() {
-            q = q
+        q = match self.scope {
+            ClaimScope::All => q.bind(upper.id),
+            ClaimScope::Queue => q
                 .bind(lower.due)
                 .bind(lower.id)
                 .bind(upper.due)
-                .bind(upper.id);
-        }
+                .bind(upper.id),
+            ClaimScope::QueueOrdered | ClaimScope::Queues | ClaimScope::QueuesOrdered => q,
+        };
         let rows = q.fetch_all(&self.pool).await?;
-        let by_id = self.by_id;
+        let by_id = self.scope == ClaimScope::All;
         Ok(rows
             .iter()
             .map(|row| {
