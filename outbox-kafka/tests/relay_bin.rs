@@ -253,7 +253,8 @@ async fn sigterm_stops_the_binary_with_status_0() {
 /// and readiness (database and Kafka) on `METRICS_ADDR`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_and_health_are_served_on_metrics_addr() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
     let db = TestDb::new().await;
     let topic = unique_topic("relay-metrics");
     create_topic(&topic, 1).await;
@@ -267,20 +268,43 @@ async fn metrics_and_health_are_served_on_metrics_addr() {
         .publish_batch(&db.pool, msgs)
         .await
         .unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    // Port 0: the relay binds a free port itself and logs it; a port freed by
+    // the test and passed on could be taken by another process meanwhile.
     let mut child = tokio::process::Command::new(BIN)
         .env("DATABASE_URL", &db.url)
         .env("KAFKA_BROKERS", kafka_brokers())
         .env("TOPIC_MAP", format!("metrics.orders:{topic}"))
-        .env("METRICS_ADDR", format!("127.0.0.1:{port}"))
+        .env("METRICS_ADDR", "127.0.0.1:0")
+        .env("LOG_FORMAT", "json")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    // Every line the relay logs, for the assertion messages.
+    let logs = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (addr_tx, mut addr_rx) = tokio::sync::mpsc::unbounded_channel::<u16>();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let kept = logs.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(port) = serving_port(&line) {
+                let _ = addr_tx.send(port);
+            }
+            kept.lock().unwrap().push(line);
+        }
+    });
+    let tail = |logs: &Arc<Mutex<Vec<String>>>| {
+        let logs = logs.lock().unwrap();
+        logs[logs.len().saturating_sub(30)..].join("\n")
+    };
+    let port = match tokio::time::timeout(Duration::from_secs(60), addr_rx.recv()).await {
+        Ok(Some(port)) => port,
+        _ => panic!(
+            "the relay logged no metrics address within 60 s; its log:\n{}",
+            tail(&logs)
+        ),
+    };
     async fn get(port: u16, path: &str) -> Option<String> {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
             .await
@@ -305,8 +329,9 @@ async fn metrics_and_health_are_served_on_metrics_addr() {
         }
         assert!(
             Instant::now() < deadline,
-            "no metrics of the 5 relayed rows within 60 s: {:?}",
-            get(port, "/metrics").await
+            "no metrics of the 5 relayed rows within 60 s: {:?}\nthe relay's log:\n{}",
+            get(port, "/metrics").await,
+            tail(&logs)
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
@@ -323,6 +348,21 @@ async fn metrics_and_health_are_served_on_metrics_addr() {
     );
     child.kill().await.unwrap();
     db.drop_db().await;
+}
+
+/// The port of the relay's "serving /metrics" JSON log line.
+fn serving_port(line: &str) -> Option<u16> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    let fields = v.get("fields")?;
+    if !fields
+        .get("message")?
+        .as_str()?
+        .starts_with("serving /metrics")
+    {
+        return None;
+    }
+    let addr: std::net::SocketAddr = fields.get("addr")?.as_str()?.parse().ok()?;
+    Some(addr.port())
 }
 
 #[test]
