@@ -8,6 +8,7 @@
 //!     [--batches 1,10,100,1000] [--rows 200000] [--workloads drain,steady-1000,steady-10000]
 //!     [--duration 20] [--steady-batch 500 (the relay's default)] [--workers 2] [--partitions 6] [--no-cap]
 //!     [--fillfactor N (overrides the migrations' table setting)] [--smoke]
+//!     [--observe-md out.md (with workload observe)]
 //! ```
 //!
 //! * `relay`: the `outbox-relay` binary (next to this example in `target/release`)
@@ -17,6 +18,14 @@
 //!   stacked Kafka publisher, as `#[kafka::publisher] #[outbox::subscriber]` does.
 //! * `sql`: the PostgreSQL ceiling, a plain `DELETE ... WHERE id IN (SELECT ... FOR
 //!   UPDATE SKIP LOCKED) RETURNING` loop in this process, no Kafka.
+//!
+//! * workload `observe` (relay only, no timing): a backlog of `--rows` rows and
+//!   one 2 MB row that Kafka refuses, drained by the relay at batch 100 while
+//!   `outbox status` (the `outbox` binary next to this example) and the
+//!   relay's `/metrics` are sampled every half second; then the refused row is
+//!   listed and replayed from the dead-letter table with `outbox dlq`. Prints
+//!   (and with `--observe-md` writes) what they showed, and fails when the
+//!   backlog was not seen draining or the replay did not put the row back.
 //!
 //! Both child modes are measured from `/proc/<pid>`: CPU seconds (utime+stime)
 //! and peak RSS (VmHWM). Every measurement uses truncated tables in a scratch
@@ -51,6 +60,7 @@ struct Opts {
     partitions: i32,
     cap: bool,
     fillfactor: Option<usize>,
+    observe_md: Option<String>,
     database_url: String,
     brokers: String,
 }
@@ -76,6 +86,7 @@ fn parse_args() -> Result<Opts, String> {
         partitions: 6,
         cap: true,
         fillfactor: None,
+        observe_md: None,
         database_url: std::env::var("DATABASE_URL")
             .unwrap_or_else(|_| "postgres://outbox:outbox@127.0.0.1:5432/outbox".into()),
         brokers: std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into()),
@@ -108,10 +119,11 @@ fn parse_args() -> Result<Opts, String> {
             "--partitions" => o.partitions = num("--partitions", args.next())? as i32,
             "--no-cap" => o.cap = false,
             "--fillfactor" => o.fillfactor = Some(num("--fillfactor", args.next())?),
+            "--observe-md" => o.observe_md = args.next(),
             "--smoke" => {
                 o.rows = 2_000;
                 o.batches = vec![100];
-                o.workloads = list("drain,steady-1000");
+                o.workloads = list("drain,steady-1000,observe");
                 o.duration = Duration::from_secs(2);
             }
             "-h" | "--help" => {
@@ -119,7 +131,7 @@ fn parse_args() -> Result<Opts, String> {
                     "{}",
                     include_str!("bench.rs")
                         .lines()
-                        .take(13)
+                        .take(12)
                         .collect::<Vec<_>>()
                         .join("\n")
                 );
@@ -136,9 +148,9 @@ fn parse_args() -> Result<Opts, String> {
         }
     }
     for w in &o.workloads {
-        if !["drain", "steady-1000", "steady-10000"].contains(&w.as_str()) {
+        if !["drain", "steady-1000", "steady-10000", "observe"].contains(&w.as_str()) {
             return Err(format!(
-                "unknown workload {w:?} (accepted: drain, steady-1000, steady-10000)"
+                "unknown workload {w:?} (accepted: drain, steady-1000, steady-10000, observe)"
             ));
         }
     }
@@ -721,6 +733,281 @@ async fn steady(
     }
 }
 
+/// A binary built next to this example (`target/release/<name>`).
+fn sibling_binary(name: &str, build: &str) -> Result<std::path::PathBuf, String> {
+    let path = std::env::current_exe()
+        .map_err(|e| e.to_string())?
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join(name))
+        .ok_or("no target directory")?;
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(format!("{} is missing: {build}", path.display()))
+    }
+}
+
+/// Runs the `outbox` command line on the bench database; its stdout, or why
+/// it failed.
+fn outbox_cli(cli: &std::path::Path, db_url: &str, args: &[&str]) -> Result<String, String> {
+    let out = Command::new(cli)
+        .args(args)
+        .env("DATABASE_URL", db_url)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", cli.display()))?;
+    if !out.status.success() {
+        return Err(format!(
+            "outbox {} exited with {}: {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The line of `queue` in `outbox status`, columns split.
+fn status_row(status: &str, queue: &str) -> Option<Vec<String>> {
+    status
+        .lines()
+        .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+        .find(|cols| cols.first().map(String::as_str) == Some(queue))
+}
+
+/// The value of a metric line `name{queue="bench"...} value`, summed over
+/// its other labels.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    let label = format!("queue=\"{QUEUE}\"");
+    let mut found = None;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with('{') && rest.contains(&label)) {
+            continue;
+        }
+        if let Some(v) = rest.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) {
+            found = Some(found.unwrap_or(0.0) + v);
+        }
+    }
+    found
+}
+
+async fn http_get(port: u16, path: &str) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: bench\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).await.ok()?;
+    Some(body)
+}
+
+/// Workload `observe`: what an operator sees while the relay drains a
+/// backlog, from `outbox status` and the relay's `/metrics`, then a
+/// dead-lettered row replayed with `outbox dlq replay`.
+async fn observe(o: &Opts, pool: &PgPool, db_url: &str) -> Result<(), String> {
+    let cli = sibling_binary(
+        "outbox",
+        "cargo build --release -p outbox-core --features cli --bin outbox",
+    )?;
+    let relay = sibling_binary(
+        "outbox-relay",
+        "cargo build --release -p outbox-kafka --bin outbox-relay",
+    )?;
+    reset(pool).await;
+    // The first row is larger than Kafka accepts (1 MB by default): the relay
+    // dead-letters it without retrying.
+    let big = Message::json(QUEUE, &serde_json::json!({ "blob": "x".repeat(2_000_000) }))
+        .map_err(|e| e.to_string())?;
+    Outbox::default()
+        .publish_message(pool, big)
+        .await
+        .map_err(|e| e.to_string())?;
+    load(pool, o.rows).await;
+    let topic = unique_topic("observe");
+    outbox_kafka::ensure_topic(&BrokerConfig::new(&o.brokers), &topic, o.partitions)
+        .await
+        .map_err(|e| e.to_string())?;
+    let batch = 100;
+    let mut child = Command::new(&relay)
+        .env("DATABASE_URL", db_url)
+        .env("KAFKA_BROKERS", &o.brokers)
+        .env_remove("PUBLISHER_URL")
+        .env("TOPIC_MAP", format!("{QUEUE}:{topic}"))
+        .env("RELAY_BATCH_SIZE", batch.to_string())
+        .env("RELAY_CONCURRENCY", batch.to_string())
+        .env("RELAY_WORKERS", o.workers.to_string())
+        // Port 0: the relay picks a free port and logs it.
+        .env("METRICS_ADDR", "127.0.0.1:0")
+        .env("METRICS_SAMPLE_INTERVAL", "500ms")
+        .env("LOG_FORMAT", "json")
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawn {}: {e}", relay.display()))?;
+    let stderr = child.stderr.take().expect("piped stderr");
+    let mut system = System { child };
+    let (port_tx, port_rx) = std::sync::mpsc::channel::<u16>();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let addr = serde_json::from_str::<serde_json::Value>(&line)
+                .ok()
+                .filter(|v| {
+                    v["fields"]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.starts_with("serving /metrics"))
+                })
+                .and_then(|v| {
+                    v["fields"]["addr"]
+                        .as_str()?
+                        .parse::<std::net::SocketAddr>()
+                        .ok()
+                });
+            if let Some(addr) = addr {
+                let _ = port_tx.send(addr.port());
+            }
+            eprintln!("relay: {line}");
+        }
+    });
+    let port = tokio::task::spawn_blocking(move || port_rx.recv_timeout(Duration::from_secs(60)))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|_| "the relay logged no metrics address within 60 s".to_owned())?;
+
+    // (t, status line, metrics pending, oldest, handled, dead-lettered)
+    type Sample = (
+        f64,
+        String,
+        Option<f64>,
+        Option<f64>,
+        Option<f64>,
+        Option<f64>,
+    );
+    let mut samples: Vec<Sample> = Vec::new();
+    let mut pending_seen: Vec<i64> = Vec::new();
+    let t = Instant::now();
+    let mut drained_at: Option<Instant> = None;
+    loop {
+        let status = outbox_cli(&cli, db_url, &["status"])?;
+        let row = status_row(&status, QUEUE);
+        let backlog = row
+            .as_ref()
+            .map(|c| {
+                c.get(1).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0)
+                    + c.get(2).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0)
+            })
+            .unwrap_or(0);
+        pending_seen.push(backlog);
+        let m = http_get(port, "/metrics").await.unwrap_or_default();
+        samples.push((
+            t.elapsed().as_secs_f64(),
+            row.map(|c| c.join("  "))
+                .unwrap_or_else(|| status.trim().to_owned()),
+            metric(&m, "outbox_pending_rows"),
+            metric(&m, "outbox_oldest_pending_seconds"),
+            metric(&m, "outbox_handled_total"),
+            metric(&m, "outbox_dead_lettered_total"),
+        ));
+        match drained_at {
+            // Two more samples after the outbox emptied: the gauges catch up.
+            Some(at) if at.elapsed() > Duration::from_millis(1200) => break,
+            None if backlog == 0 => drained_at = Some(Instant::now()),
+            _ => {}
+        }
+        if t.elapsed() > Duration::from_secs(600) {
+            return Err(format!(
+                "the relay did not drain {} rows within 600 s",
+                o.rows
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    system.stop();
+    let dlq_list = outbox_cli(&cli, db_url, &["dlq", "list", "--queue", QUEUE])?;
+    let replay = outbox_cli(&cli, db_url, &["dlq", "replay", "--queue", QUEUE, "--yes"])?;
+    let after = outbox_cli(&cli, db_url, &["status"])?;
+
+    let mut md = format!(
+        "### The backlog draining, as an operator sees it\n\n\
+         `outbox-relay` (RELAY_BATCH_SIZE={batch}, {} workers, METRICS_SAMPLE_INTERVAL=500ms) drains {} rows \
+         plus one 2 MB row that Kafka refuses; every 0.5 s the bench runs `outbox status` and reads the relay's `/metrics`.\n\n\
+         | t (s) | `outbox status`: queue, pending, in flight, parked, oldest, dead letters | `outbox_pending_rows` | `outbox_oldest_pending_seconds` | `outbox_handled_total` | `outbox_dead_lettered_total` |\n\
+         |---|---|---|---|---|---|\n",
+        o.workers, o.rows
+    );
+    let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.0}"));
+    for (at, line, pending, oldest, handled, dead) in &samples {
+        md.push_str(&format!(
+            "| {at:.1} | `{line}` | {} | {} | {} | {} |\n",
+            f(*pending),
+            oldest.map_or("-".to_owned(), |v| format!("{v:.1}")),
+            f(*handled),
+            f(*dead)
+        ));
+    }
+    md.push_str(&format!(
+        "\nThen, with the relay stopped:\n\n```text\n$ outbox dlq list --queue {QUEUE}\n{}$ outbox dlq replay --queue {QUEUE} --yes\n{}$ outbox status\n{}```\n",
+        dlq_list, replay, after
+    ));
+    println!("\n{md}");
+    if let Some(path) = &o.observe_md {
+        std::fs::write(path, &md).map_err(|e| format!("write {path}: {e}"))?;
+    }
+
+    // What the observation must show.
+    let distinct_draining = {
+        let mut v: Vec<i64> = pending_seen.iter().copied().filter(|p| *p > 0).collect();
+        v.dedup();
+        v.len()
+    };
+    if pending_seen.windows(2).any(|w| w[1] > w[0]) {
+        return Err(format!(
+            "the backlog grew while the relay drained it: {pending_seen:?}"
+        ));
+    }
+    if distinct_draining < 2 && o.rows >= 10_000 {
+        return Err(format!(
+            "fewer than two samples saw the backlog shrink: {pending_seen:?}"
+        ));
+    }
+    let handled = samples.last().and_then(|s| s.4).unwrap_or(0.0);
+    if handled < o.rows as f64 {
+        return Err(format!(
+            "/metrics counted {handled} handled rows of {}",
+            o.rows
+        ));
+    }
+    if samples.last().and_then(|s| s.2) != Some(0.0) {
+        return Err("/metrics never showed the outbox empty".into());
+    }
+    if !replay.contains("replayed 1 ") {
+        return Err(format!("the refused row was not replayed: {replay}"));
+    }
+    match status_row(&after, QUEUE) {
+        Some(c)
+            if c.get(1).map(String::as_str) == Some("1")
+                && c.last().map(String::as_str) == Some("0") => {}
+        _ => {
+            return Err(format!(
+                "after the replay, status does not show 1 pending and 0 dead letters:\n{after}"
+            ))
+        }
+    }
+    Ok(())
+}
+
 /// `--serve-handler`: the handler-mode system under test.
 async fn serve_handler() -> Result<(), Box<dyn std::error::Error>> {
     let _ = outbox::logging::init(outbox::logging::LogFormat::Text);
@@ -861,12 +1148,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         None => {
-            eprintln!("bench: {what} failed three times; skipped");
+            eprintln!("bench: {what} failed; skipped (see above)");
             failed.push(what);
         }
     };
     for w in &o.workloads {
-        if w == "drain" {
+        if w == "observe" {
+            if let Err(e) = observe(&o, &pool, &db_url).await {
+                eprintln!("bench: observe: {e}");
+                emit("observe".to_owned(), None);
+            }
+        } else if w == "drain" {
             for &b in &o.batches {
                 // Batch 1 and 10 pay one Kafka round trip per claim: fewer rows
                 // keep the run short (--no-cap drains --rows at every size).

@@ -72,6 +72,7 @@ pub const RELAY_VARS: &[(&str, Option<&str>, &str)] = &[
     ("RELAY_MIGRATE", Some("false"), "create the outbox and dead-letter tables at start"),
     ("RELAY_EXIT_WHEN_IDLE", Some("false"), "exit 0 once the outbox has no pending row"),
     ("METRICS_ADDR", Some(DEFAULT_METRICS_ADDR), "address of the Prometheus /metrics, liveness /healthz and readiness /readyz endpoint; off disables it"),
+    ("METRICS_SAMPLE_INTERVAL", Some("5s"), "how often the outbox gauges (pending rows, oldest age, parked, dead letters) are counted in the database (100ms to 1h)"),
     ("LOG_FORMAT", Some("text"), "text or json"),
     ("RUST_LOG", Some("info"), "log filter, e.g. info,outbox=debug"),
 ];
@@ -221,6 +222,9 @@ pub struct RelayConfig {
     pub exit_when_idle: bool,
     /// The metrics and health endpoint (`METRICS_ADDR`); `None`: off.
     pub metrics: Option<MetricsSetting>,
+    /// How often the endpoint counts the outbox gauges in the database
+    /// (`METRICS_SAMPLE_INTERVAL`).
+    pub metrics_sample_interval: Duration,
     /// Log output (`LOG_FORMAT`), used by the binary.
     pub log_format: LogFormat,
 }
@@ -242,6 +246,7 @@ impl Default for RelayConfig {
             migrate: false,
             exit_when_idle: false,
             metrics: None,
+            metrics_sample_interval: outbox::metrics::DEFAULT_SAMPLE_INTERVAL,
             log_format: LogFormat::Text,
         }
     }
@@ -399,6 +404,16 @@ impl RelayConfig {
                 required: true,
             }),
         };
+        if let Some(v) = get("METRICS_SAMPLE_INTERVAL") {
+            let every = parse_duration("METRICS_SAMPLE_INTERVAL", &v)?;
+            if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&every) {
+                return Err(ConfigError::invalid(
+                    "METRICS_SAMPLE_INTERVAL",
+                    format!("{v} is out of range (accepted: 100ms to 1h)"),
+                ));
+            }
+            c.metrics_sample_interval = every;
+        }
         if let Some(v) = get("LOG_FORMAT") {
             c.log_format = match v.to_ascii_lowercase().as_str() {
                 "text" => LogFormat::Text,
@@ -518,6 +533,7 @@ async fn metrics_endpoint(
     );
     let endpoint = outbox::metrics::Endpoint::new(setting.addr)
         .best_effort(!setting.required)
+        .sample_interval(config.metrics_sample_interval)
         .ready_check("kafka", move || {
             let probe = probe.clone();
             async move {

@@ -112,6 +112,16 @@ fn bad_settings_exit_2_naming_the_variable() {
         ),
         ("DATABASE_URL", "mysql://u:pw@h/db", "DATABASE_URL: "),
         (
+            "METRICS_SAMPLE_INTERVAL",
+            "10ms",
+            "METRICS_SAMPLE_INTERVAL: 10ms is out of range (accepted: 100ms to 1h)",
+        ),
+        (
+            "METRICS_SAMPLE_INTERVAL",
+            "often",
+            r#"METRICS_SAMPLE_INTERVAL: "often" is not a duration"#,
+        ),
+        (
             "LOG_FORMAT",
             "xml",
             r#"LOG_FORMAT: "xml" is not one of text, json"#,

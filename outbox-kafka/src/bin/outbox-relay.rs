@@ -104,6 +104,9 @@ struct Args {
     /// Address of the Prometheus /metrics, liveness /healthz and readiness /readyz endpoint; off disables it [default: 0.0.0.0:9187; when taken, the relay runs without it and logs a warning].
     #[arg(long, env = "METRICS_ADDR")]
     metrics_addr: Option<String>,
+    /// How often the outbox gauges (pending rows, oldest age, parked, dead letters) are counted in the database (100ms to 1h).
+    #[arg(long, env = "METRICS_SAMPLE_INTERVAL", default_value = "5s")]
+    metrics_sample_interval: String,
     /// Log format: text or json.
     #[arg(long, env = "LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -144,6 +147,10 @@ impl Args {
             ("RELAY_MIGRATE", Some(self.relay_migrate)),
             ("RELAY_EXIT_WHEN_IDLE", Some(self.relay_exit_when_idle)),
             ("METRICS_ADDR", self.metrics_addr),
+            (
+                "METRICS_SAMPLE_INTERVAL",
+                Some(self.metrics_sample_interval),
+            ),
             ("LOG_FORMAT", Some(self.log_format)),
         ];
         let mut out: Vec<(String, String)> = vars
