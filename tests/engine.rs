@@ -950,7 +950,8 @@ async fn invalid_settings_are_all_reported_when_the_app_is_built() {
                 .queue("shared")
                 .publisher("kafka", "t"),
         )
-        .register(Subscriber::new("c", noop));
+        .register(Subscriber::new("c", noop))
+        .register(Subscriber::new("a", noop).queue("other"));
     let err = app.validate().unwrap_err().to_string();
     for expected in [
         "batch_size is 0",
@@ -961,6 +962,7 @@ async fn invalid_settings_are_all_reported_when_the_app_is_built() {
         "queue \"shared\" has two handlers",
         "no kafka broker is configured",
         "no queue given",
+        "two subscribers are named \"a\"",
     ] {
         assert!(err.contains(expected), "missing {expected:?} in:\n{err}");
     }
@@ -987,6 +989,29 @@ async fn the_app_refuses_to_start_on_missing_tables() {
         err.contains("table outbox does not exist") && err.contains("migrat"),
         "{err}"
     );
+    db.drop_db().await;
+}
+
+/// Instances starting together each create the dead-letter tables their
+/// subscribers name (`migrate_dlq`): the migrations queue behind one lock, so
+/// none fails on a half-made table or a version recorded by another.
+#[tokio::test]
+async fn concurrent_dead_letter_table_migrations_all_succeed() {
+    let db = TestDb::new().await;
+    let dlq = outbox::TableName::new("orders_dead").unwrap();
+    let runs = futures::future::join_all((0..8).map(|_| outbox::migrate_dlq(&db.pool, &dlq))).await;
+    for run in runs {
+        run.expect("every concurrent migrate_dlq succeeds");
+    }
+    assert_eq!(
+        count(
+            &db.pool,
+            "select count(*) from outbox_migrations where table_name = 'orders_dead'"
+        )
+        .await,
+        outbox::expected_versions().1 as i64
+    );
+    assert_eq!(count(&db.pool, "select count(*) from orders_dead").await, 0);
     db.drop_db().await;
 }
 

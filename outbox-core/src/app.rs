@@ -220,10 +220,19 @@ impl App {
             );
         }
         let mut owners: HashMap<&str, String> = HashMap::new();
+        let mut names: HashMap<&str, String> = HashMap::new();
         let mut all = None;
         for s in subs {
             if let Err(errs) = s.validate() {
                 e.extend_with(&s.label(), errs);
+            }
+            if let Some(prev) = names.insert(s.name.as_str(), s.label()) {
+                e.push(format!(
+                    "two subscribers are named {:?}: {prev} and {}; give each a name of its own \
+                     (the name labels its logs and its in-flight gauge)",
+                    s.name,
+                    s.label()
+                ));
             }
             match &s.queues {
                 Queues::All => {

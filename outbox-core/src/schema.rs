@@ -195,8 +195,28 @@ CREATE INDEX IF NOT EXISTS {q_idx} ON {d} (queue, id);
 /// # Ok(()) }
 /// ```
 pub async fn migrate(pool: &PgPool, tables: &Tables) -> Result<(), Error> {
+    let mut targets = vec![(&tables.outbox, "outbox", OUTBOX_MIGRATIONS)];
+    if let Some(dlq) = &tables.dlq {
+        targets.push((dlq, "dlq", DLQ_MIGRATIONS));
+    }
+    migrate_locked(pool, &targets).await
+}
+
+/// Creates a dead-letter table on its own (for subscribers naming a table of
+/// their own). Safe to call from several instances at once, and before
+/// [`migrate`].
+pub async fn migrate_dlq(pool: &PgPool, dlq: &TableName) -> Result<(), Error> {
+    migrate_locked(pool, &[(dlq, "dlq", DLQ_MIGRATIONS)]).await
+}
+
+/// Applies the migrations of each `(table, kind, migrations)` still missing,
+/// under the one advisory lock of every outbox migration, so that concurrent
+/// start-ups queue up instead of racing for a table or a version row.
+async fn migrate_locked(
+    pool: &PgPool,
+    targets: &[(&TableName, &str, &[Migration])],
+) -> Result<(), Error> {
     let mut conn = pool.acquire().await?;
-    // One lock for every outbox migration, so concurrent start-ups queue up.
     sqlx::query("SELECT pg_advisory_lock(7244551220173090001)")
         .execute(&mut *conn)
         .await?;
@@ -212,9 +232,8 @@ pub async fn migrate(pool: &PgPool, tables: &Tables) -> Result<(), Error> {
         )
         .execute(&mut *conn)
         .await?;
-        apply(&mut conn, &tables.outbox, "outbox", OUTBOX_MIGRATIONS).await?;
-        if let Some(dlq) = &tables.dlq {
-            apply(&mut conn, dlq, "dlq", DLQ_MIGRATIONS).await?;
+        for (table, kind, migrations) in targets {
+            apply(&mut conn, table, kind, migrations).await?;
         }
         Ok::<_, Error>(())
     }
@@ -225,12 +244,6 @@ pub async fn migrate(pool: &PgPool, tables: &Tables) -> Result<(), Error> {
     result?;
     unlock?;
     Ok(())
-}
-
-/// Creates a dead-letter table on its own (for subscribers naming a table of their own).
-pub async fn migrate_dlq(pool: &PgPool, dlq: &TableName) -> Result<(), Error> {
-    let mut conn = pool.acquire().await?;
-    apply(&mut conn, dlq, "dlq", DLQ_MIGRATIONS).await
 }
 
 async fn apply(

@@ -171,13 +171,18 @@ async fn the_binary_relays_rows_and_exits_when_idle() {
     outbox::migrate(&db.pool, &outbox::Tables::default())
         .await
         .unwrap();
-    let msgs: Vec<outbox::Message> = (0..100)
-        .map(|i| outbox::Message::json("bin.orders", &i).unwrap())
-        .collect();
-    outbox::Outbox::default()
-        .publish_batch(&db.pool, msgs)
-        .await
-        .unwrap();
+    // 10,000 rows, and no user code: the binary alone forwards them.
+    const ROWS: usize = 10_000;
+    for chunk in (0..ROWS).collect::<Vec<_>>().chunks(1_000) {
+        let msgs: Vec<outbox::Message> = chunk
+            .iter()
+            .map(|i| outbox::Message::json("bin.orders", i).unwrap())
+            .collect();
+        outbox::Outbox::default()
+            .publish_batch(&db.pool, msgs)
+            .await
+            .unwrap();
+    }
     let map = format!("bin.orders:{topic}");
     let vars = [
         ("DATABASE_URL", db.url.clone()),
@@ -209,12 +214,20 @@ async fn the_binary_relays_rows_and_exits_when_idle() {
         .await
         .unwrap();
     assert_eq!(left, 0);
+    // Every row arrived: each payload (0..ROWS) at least once.
+    let got = consume_all(&topic, ROWS, Duration::from_secs(120)).await;
+    let numbers: std::collections::BTreeSet<usize> = got
+        .iter()
+        .filter_map(|m| serde_json::from_slice(rdkafka::Message::payload(m)?).ok())
+        .collect();
     assert_eq!(
-        consume_all(&topic, 100, Duration::from_secs(60))
-            .await
-            .len(),
-        100
+        numbers.len(),
+        ROWS,
+        "{} messages, {} distinct payloads of {ROWS}",
+        got.len(),
+        numbers.len()
     );
+    assert_eq!(numbers.last(), Some(&(ROWS - 1)));
     db.drop_db().await;
 }
 
