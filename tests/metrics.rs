@@ -156,6 +156,23 @@ impl Sink for SlowSink {
     }
 }
 
+/// A broker that refuses every message for good (too large, say).
+struct RefusingSink;
+
+impl Sink for RefusingSink {
+    fn name(&self) -> &str {
+        "refusing"
+    }
+    fn send(&self, batch: Vec<outbox::Outgoing>) -> BoxFuture<'_, Vec<Result<(), SinkError>>> {
+        Box::pin(async move {
+            batch
+                .iter()
+                .map(|_| Err(SinkError::permanent("message too large")))
+                .collect()
+        })
+    }
+}
+
 type Fut = BoxFuture<'static, Result<Output, HandlerError>>;
 
 fn sub(
@@ -214,6 +231,14 @@ async fn a_running_app_exports_what_it_does() {
             })
             .retry(NoRetry),
         )
+        .broker(RefusingSink)
+        .register(
+            // The handler succeeds, its publish is refused: not "processed".
+            sub("m_unsent_handler", "m_unsent", |env| {
+                Ok(Output::none().publish("refusing", "t", None, env.payload.clone()))
+            })
+            .publisher("refusing", "t"),
+        )
         .register(
             sub("m_parked_handler", "m_parked", |_| {
                 Err(HandlerError::reject("no such customer"))
@@ -234,6 +259,7 @@ async fn a_running_app_exports_what_it_does() {
     outbox::publish(&db.pool, "m_bad", &1).await.unwrap();
     outbox::publish(&db.pool, "m_spent", &1).await.unwrap();
     outbox::publish(&db.pool, "m_parked", &1).await.unwrap();
+    outbox::publish(&db.pool, "m_unsent", &1).await.unwrap();
     for i in 0..2 {
         Message::json("m_later", &i)
             .unwrap()
@@ -271,6 +297,11 @@ async fn a_running_app_exports_what_it_does() {
         (
             "outbox_dead_lettered_total",
             &[("queue", "m_parked"), ("reason", "rejected")],
+            1.0,
+        ),
+        (
+            "outbox_dead_lettered_total",
+            &[("queue", "m_unsent"), ("reason", "publish_rejected")],
             1.0,
         ),
         ("outbox_handler_seconds_count", &[("queue", "m_ok")], 3.0),
@@ -352,9 +383,14 @@ async fn a_running_app_exports_what_it_does() {
         "m_flaky | retry 1/5 in 100ms: database is busy",
         "m_bad | dead-lettered: rejected: order was cancelled",
         "m_spent | dead-lettered: retries_exhausted: still down",
+        "m_unsent | dead-lettered: publish_rejected: message too large",
     ] {
         assert!(text.contains(want), "no {want:?} in the logs:\n{text}");
     }
+    assert!(
+        !text.contains("m_unsent | processed"),
+        "a row whose publish was refused is not logged as processed:\n{text}"
+    );
     assert!(
         text.lines()
             .any(|l| l.contains("m_ok | received") && l.contains("message{queue=m_ok")),

@@ -286,6 +286,9 @@ impl SubRuntime {
         );
 
         let mut fates: Vec<Option<Fate>> = (0..rows.len()).map(|_| None).collect();
+        // Handler time of the rows whose handler succeeded, logged once their
+        // publishes succeeded too.
+        let mut handled_in: Vec<Option<Duration>> = vec![None; rows.len()];
         let mut outgoing: HashMap<String, Vec<(usize, Outgoing)>> = HashMap::new();
         for (i, result, decision, took) in results {
             let env = &rows[i];
@@ -314,7 +317,7 @@ impl SubRuntime {
                     None,
                 ),
                 (_, _, Ok(output)) => {
-                    tracing::debug!(queue = %env.queue, id = env.id, "{} | processed in {} ms", env.queue, took.as_millis());
+                    handled_in[i] = Some(took);
                     for mut o in output.publishes {
                         if o.key.is_none() {
                             o.key = env.key.as_ref().map(|k| k.as_bytes().to_vec());
@@ -386,9 +389,14 @@ impl SubRuntime {
         let mut acked_queues = Vec::new();
         let mut retried_queues = Vec::new();
         let mut failed = Vec::new();
-        for ((env, fate), position) in rows.iter().zip(fates).zip(positions) {
+        for (((env, fate), position), handled_in) in
+            rows.iter().zip(fates).zip(positions).zip(handled_in)
+        {
             match fate.unwrap_or(Fate::Release) {
                 Fate::Ack => {
+                    if let Some(took) = handled_in {
+                        tracing::debug!(queue = %env.queue, id = env.id, "{} | processed in {} ms", env.queue, took.as_millis());
+                    }
                     acks.push(position);
                     acked_queues.push(env.queue.as_str());
                 }
