@@ -79,6 +79,10 @@ pub const KAFKA_QUEUE_DEPTH: &str = "outbox_kafka_queue_depth";
 /// How often the app samples the row gauges unless told otherwise.
 pub const DEFAULT_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 
+/// The sample intervals accepted: 100 ms to 1 h.
+pub const SAMPLE_INTERVALS: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(3600);
+
 /// Registers the unit and help text of every metric above with the installed
 /// recorder ([`serve`] does it for you).
 pub fn describe() {
@@ -483,9 +487,7 @@ mod endpoint {
         /// share it), binds the address and serves `/metrics`, `/healthz` and
         /// `/readyz` until [`MetricsHandle::stop`].
         pub async fn serve(self) -> Result<MetricsHandle, Error> {
-            if !(Duration::from_millis(100)..=Duration::from_secs(3600))
-                .contains(&self.sample_interval)
-            {
+            if !super::SAMPLE_INTERVALS.contains(&self.sample_interval) {
                 return Err(Error::invalid(format!(
                     "metrics sample interval is {:?}, accepted: 100 ms to 1 h",
                     self.sample_interval

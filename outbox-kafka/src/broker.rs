@@ -24,34 +24,102 @@ const REPORT_GRACE: Duration = Duration::from_secs(5);
 /// How long to wait before retrying an enqueue on a full librdkafka queue.
 const QUEUE_FULL_WAIT: Duration = Duration::from_millis(5);
 
+/// How long repeats of one librdkafka message are held back after it was
+/// logged: with every broker down, librdkafka reports each failed reconnect.
+const LOG_REPEAT_WINDOW: Duration = Duration::from_secs(30);
+
 /// Forwards librdkafka's log lines and client errors to `tracing` (target
-/// `librdkafka`) instead of the `log` crate.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct LogContext;
+/// `librdkafka`) instead of the `log` crate. A message that repeats (the same
+/// text up to its numbers) is logged at most once per 30 s, with the number
+/// of repeats held back since.
+#[derive(Debug, Clone, Default)]
+pub struct LogContext {
+    repeats: Arc<std::sync::Mutex<HashMap<String, Repeat>>>,
+}
+
+#[derive(Debug)]
+struct Repeat {
+    logged_at: std::time::Instant,
+    held: u64,
+}
+
+impl LogContext {
+    /// `None`: a repeat to hold back; `Some(n)`: log it, `n` repeats were
+    /// held back since it was last logged.
+    fn admit(&self, text: &str, now: std::time::Instant) -> Option<u64> {
+        let key: String = text.chars().filter(|c| !c.is_ascii_digit()).collect();
+        let mut repeats = self.repeats.lock().unwrap_or_else(|e| e.into_inner());
+        if repeats.len() > 1024 {
+            repeats.retain(|_, r| now.duration_since(r.logged_at) < LOG_REPEAT_WINDOW);
+        }
+        match repeats.get_mut(&key) {
+            Some(r) if now.duration_since(r.logged_at) < LOG_REPEAT_WINDOW => {
+                r.held += 1;
+                None
+            }
+            Some(r) => {
+                let held = r.held;
+                *r = Repeat {
+                    logged_at: now,
+                    held: 0,
+                };
+                Some(held)
+            }
+            None => {
+                repeats.insert(
+                    key,
+                    Repeat {
+                        logged_at: now,
+                        held: 0,
+                    },
+                );
+                Some(0)
+            }
+        }
+    }
+}
+
+/// `" (N like it in the last 30 s not shown)"`, or nothing.
+fn held_back(n: u64) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(
+            " ({n} like it in the last {} s not shown)",
+            LOG_REPEAT_WINDOW.as_secs()
+        )
+    }
+}
 
 impl ClientContext for LogContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        if matches!(level, RDKafkaLogLevel::Debug) {
+            tracing::debug!(target: "librdkafka", facility = fac, "{message}");
+            return;
+        }
+        let Some(held) = self.admit(&format!("{fac} {message}"), std::time::Instant::now()) else {
+            return;
+        };
+        let held = held_back(held);
         match level {
             RDKafkaLogLevel::Emerg
             | RDKafkaLogLevel::Alert
             | RDKafkaLogLevel::Critical
             | RDKafkaLogLevel::Error => {
-                tracing::error!(target: "librdkafka", facility = fac, "{message}")
+                tracing::error!(target: "librdkafka", facility = fac, "{message}{held}")
             }
             RDKafkaLogLevel::Warning => {
-                tracing::warn!(target: "librdkafka", facility = fac, "{message}")
+                tracing::warn!(target: "librdkafka", facility = fac, "{message}{held}")
             }
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-                tracing::info!(target: "librdkafka", facility = fac, "{message}")
-            }
-            RDKafkaLogLevel::Debug => {
-                tracing::debug!(target: "librdkafka", facility = fac, "{message}")
-            }
+            _ => tracing::info!(target: "librdkafka", facility = fac, "{message}{held}"),
         }
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(target: "librdkafka", "kafka client error: {error}: {reason}");
+        let text = format!("kafka client error: {error}: {reason}");
+        if let Some(held) = self.admit(&text, std::time::Instant::now()) {
+            tracing::warn!(target: "librdkafka", "{text}{}", held_back(held));
+        }
     }
 }
 
@@ -681,7 +749,7 @@ fn create_producer(config: &BrokerConfig) -> Result<Producer_, Error> {
     }
     client
         .set_log_level(RDKafkaLogLevel::Warning)
-        .create_with_context(LogContext)
+        .create_with_context(LogContext::default())
         .map_err(|e| Error::Client(config.redact(&e.to_string())))
 }
 
@@ -691,4 +759,39 @@ fn outbox_id(msg: &Outgoing) -> String {
         .find(|(k, _)| k == "outbox-id")
         .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_librdkafka_messages_are_logged_once_per_window_with_a_count() {
+        let ctx = LogContext::default();
+        let t0 = std::time::Instant::now();
+        let refused = |port: u16, ms: u32| {
+            format!("127.0.0.1:{port}/1: Connect to ipv4#127.0.0.1:{port} failed: Connection refused (after {ms}ms in state CONNECT)")
+        };
+        assert_eq!(
+            ctx.admit(&refused(9092, 0), t0),
+            Some(0),
+            "the first is logged"
+        );
+        // The same text up to its numbers is a repeat within the window.
+        for (i, ms) in [1, 5, 12].into_iter().enumerate() {
+            let at = t0 + Duration::from_secs(i as u64 + 1);
+            assert_eq!(ctx.admit(&refused(9092, ms), at), None);
+        }
+        // Another message is not held back by the first.
+        assert_eq!(
+            ctx.admit("1/1 brokers are down", t0 + Duration::from_secs(2)),
+            Some(0)
+        );
+        // After the window, logged again with the number held back.
+        let later = t0 + LOG_REPEAT_WINDOW + Duration::from_secs(1);
+        assert_eq!(ctx.admit(&refused(9092, 3), later), Some(3));
+        assert_eq!(ctx.admit(&refused(9092, 3), later), None);
+        assert_eq!(held_back(0), "");
+        assert_eq!(held_back(3), " (3 like it in the last 30 s not shown)");
+    }
 }

@@ -406,7 +406,7 @@ impl RelayConfig {
         };
         if let Some(v) = get("METRICS_SAMPLE_INTERVAL") {
             let every = parse_duration("METRICS_SAMPLE_INTERVAL", &v)?;
-            if !(Duration::from_millis(100)..=Duration::from_secs(3600)).contains(&every) {
+            if !outbox::metrics::SAMPLE_INTERVALS.contains(&every) {
                 return Err(ConfigError::invalid(
                     "METRICS_SAMPLE_INTERVAL",
                     format!("{v} is out of range (accepted: 100ms to 1h)"),

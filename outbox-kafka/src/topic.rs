@@ -20,7 +20,7 @@ impl Admin {
         let client = config
             .admin_config()
             .set_log_level(RDKafkaLogLevel::Warning)
-            .create_with_context(LogContext)
+            .create_with_context(LogContext::default())
             .map_err(|e| Error::Client(config.redact(&e.to_string())))?;
         Ok(Self {
             client: Arc::new(client),
