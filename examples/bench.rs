@@ -9,6 +9,7 @@
 //!     [--duration 20] [--steady-batch 500 (the relay's default)] [--workers 2] [--partitions 6] [--no-cap]
 //!     [--fillfactor N (overrides the migrations' table setting)] [--smoke]
 //!     [--observe-md out.md (with workload observe)]
+//!     [--latency-dump lat.txt (steady workloads: every message's commit time and latency)]
 //! ```
 //!
 //! * `relay`: the `outbox-relay` binary (next to this example in `target/release`)
@@ -61,6 +62,7 @@ struct Opts {
     cap: bool,
     fillfactor: Option<usize>,
     observe_md: Option<String>,
+    latency_dump: Option<String>,
     database_url: String,
     brokers: String,
 }
@@ -87,6 +89,7 @@ fn parse_args() -> Result<Opts, String> {
         cap: true,
         fillfactor: None,
         observe_md: None,
+        latency_dump: None,
         database_url: std::env::var("DATABASE_URL")
             .unwrap_or_else(|_| "postgres://outbox:outbox@127.0.0.1:5432/outbox".into()),
         brokers: std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".into()),
@@ -120,6 +123,7 @@ fn parse_args() -> Result<Opts, String> {
             "--no-cap" => o.cap = false,
             "--fillfactor" => o.fillfactor = Some(num("--fillfactor", args.next())?),
             "--observe-md" => o.observe_md = args.next(),
+            "--latency-dump" => o.latency_dump = args.next(),
             "--smoke" => {
                 o.rows = 2_000;
                 o.batches = vec![100];
@@ -131,7 +135,7 @@ fn parse_args() -> Result<Opts, String> {
                     "{}",
                     include_str!("bench.rs")
                         .lines()
-                        .take(12)
+                        .take(13)
                         .collect::<Vec<_>>()
                         .join("\n")
                 );
@@ -694,6 +698,22 @@ async fn steady(
                 .map(|c| at.saturating_sub(*c) as f64 / 1000.0)
         })
         .collect();
+    if let Some(path) = &o.latency_dump {
+        // One line per message: mode, workload, row id, commit time (µs since
+        // the epoch), commit-to-consumer latency (ms); for finding when the
+        // slow ones were committed.
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .expect("open --latency-dump");
+        for (id, at, _) in got.iter() {
+            if let Some(c) = committed.get(id) {
+                let ms = at.saturating_sub(*c) as f64 / 1000.0;
+                writeln!(f, "{mode} {workload} {id} {c} {ms:.1}").expect("write --latency-dump");
+            }
+        }
+    }
     lat.sort_by(|a, b| a.total_cmp(b));
     let mut to_producer: Vec<f64> = got
         .iter()
