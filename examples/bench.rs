@@ -308,18 +308,10 @@ impl System {
     fn start(o: &Opts, mode: &str, db_url: &str, topic: &str, batch: usize) -> Self {
         let exe = std::env::current_exe().expect("current exe");
         let mut cmd = if mode == "relay" {
-            let relay = exe
-                .parent()
-                .and_then(|d| d.parent())
-                .map(|d| d.join("outbox-relay"))
-                .expect("target dir");
-            if !relay.exists() {
-                eprintln!(
-                    "{} is missing: cargo build --release -p outbox-kafka --bin outbox-relay",
-                    relay.display()
-                );
+            let relay = sibling_binary("outbox-relay", BUILD_RELAY).unwrap_or_else(|e| {
+                eprintln!("{e}");
                 std::process::exit(2);
-            }
+            });
             Command::new(relay)
         } else {
             let mut c = Command::new(exe);
@@ -753,6 +745,9 @@ async fn steady(
     }
 }
 
+/// How to build the relay binary the bench runs.
+const BUILD_RELAY: &str = "cargo build --release -p outbox-kafka --bin outbox-relay";
+
 /// A binary built next to this example (`target/release/<name>`).
 fn sibling_binary(name: &str, build: &str) -> Result<std::path::PathBuf, String> {
     let path = std::env::current_exe()
@@ -836,10 +831,7 @@ async fn observe(o: &Opts, pool: &PgPool, db_url: &str) -> Result<(), String> {
         "outbox",
         "cargo build --release -p outbox-core --features cli --bin outbox",
     )?;
-    let relay = sibling_binary(
-        "outbox-relay",
-        "cargo build --release -p outbox-kafka --bin outbox-relay",
-    )?;
+    let relay = sibling_binary("outbox-relay", BUILD_RELAY)?;
     reset(pool).await;
     // The first row is larger than Kafka accepts (1 MB by default): the relay
     // dead-letters it without retrying.

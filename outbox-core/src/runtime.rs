@@ -45,7 +45,9 @@ type Claimed = (Instant, Result<Batch, crate::Error>);
 
 /// What becomes of one row of a batch.
 enum Fate {
-    Ack,
+    /// Delete the row; with the handler's run time when it returned `Ok`
+    /// (logged as "processed" once its publishes succeeded too).
+    Ack(Option<Duration>),
     Retry(HandlerError, Option<Duration>),
     Fail(FailureReason, String),
     Release,
@@ -286,9 +288,6 @@ impl SubRuntime {
         );
 
         let mut fates: Vec<Option<Fate>> = (0..rows.len()).map(|_| None).collect();
-        // Handler time of the rows whose handler succeeded, logged once their
-        // publishes succeeded too.
-        let mut handled_in: Vec<Option<Duration>> = vec![None; rows.len()];
         let mut outgoing: HashMap<String, Vec<(usize, Outgoing)>> = HashMap::new();
         for (i, result, decision, took) in results {
             let env = &rows[i];
@@ -306,7 +305,7 @@ impl SubRuntime {
                 // An explicit ack wins over an `Err` returned afterwards.
                 (AckPolicy::Manual, Some(Decision::Ack), Err(e)) => {
                     tracing::debug!(queue = %env.queue, id = env.id, "{} | acked by the handler, which then returned: {}", env.queue, e.message());
-                    Fate::Ack
+                    Fate::Ack(None)
                 }
                 // No decision: retried like a failure, so that the attempt
                 // counts and the retry budget bounds it.
@@ -317,7 +316,6 @@ impl SubRuntime {
                     None,
                 ),
                 (_, _, Ok(output)) => {
-                    handled_in[i] = Some(took);
                     for mut o in output.publishes {
                         if o.key.is_none() {
                             o.key = env.key.as_ref().map(|k| k.as_bytes().to_vec());
@@ -325,7 +323,7 @@ impl SubRuntime {
                         add_headers(&mut o, env);
                         outgoing.entry(o.sink.clone()).or_default().push((i, o));
                     }
-                    Fate::Ack
+                    Fate::Ack(Some(took))
                 }
                 (policy, _, Err(e)) => match e.kind() {
                     HandlerErrorKind::Permanent(reason) => {
@@ -365,7 +363,7 @@ impl SubRuntime {
         for (i, result) in futures::future::join_all(sends).await.into_iter().flatten() {
             if let Err(e) = result {
                 let downgrade = match &fates[i] {
-                    Some(Fate::Ack) | None => true,
+                    Some(Fate::Ack(_)) | None => true,
                     Some(Fate::Retry(..)) => e.permanent,
                     _ => false,
                 };
@@ -389,11 +387,9 @@ impl SubRuntime {
         let mut acked_queues = Vec::new();
         let mut retried_queues = Vec::new();
         let mut failed = Vec::new();
-        for (((env, fate), position), handled_in) in
-            rows.iter().zip(fates).zip(positions).zip(handled_in)
-        {
+        for ((env, fate), position) in rows.iter().zip(fates).zip(positions) {
             match fate.unwrap_or(Fate::Release) {
-                Fate::Ack => {
+                Fate::Ack(handled_in) => {
                     if let Some(took) = handled_in {
                         tracing::debug!(queue = %env.queue, id = env.id, "{} | processed in {} ms", env.queue, took.as_millis());
                     }
