@@ -269,14 +269,19 @@ async fn a_stale_token_cannot_ack_nack_or_dead_letter() {
     assert_eq!(count(pool, "select count(*) from outbox_dlq").await, 0);
 
     // The position-based ack (what the runtime uses) obeys the same rule: the
-    // first claim's positions are stale with either token, since the takeover
-    // wrote the row elsewhere.
-    assert_eq!(a.ack_at(stale, &first.positions).await.unwrap(), 0);
-    assert_eq!(a.ack_at(second.token, &first.positions).await.unwrap(), 0);
-    assert_eq!(a.ack_at(stale, &second.positions).await.unwrap(), 0);
+    // stale token deletes nothing, at the old position or the new one.
+    assert_eq!(a.ack_at(stale, &first.positions, &[id]).await.unwrap(), 0);
+    assert_eq!(a.ack_at(stale, &second.positions, &[id]).await.unwrap(), 0);
     assert_eq!(count(pool, "select count(*) from outbox").await, 1);
 
-    assert_eq!(a.ack_at(second.token, &second.positions).await.unwrap(), 1);
+    // The live token with the first claim's position (the takeover wrote the
+    // row elsewhere) finds the row by its id instead.
+    assert_eq!(
+        a.ack_at(second.token, &first.positions, &[id])
+            .await
+            .unwrap(),
+        1
+    );
     assert_eq!(count(pool, "select count(*) from outbox").await, 0);
     db.drop_db().await;
 }
@@ -1376,7 +1381,8 @@ async fn claims_racing_for_expired_leases_take_each_row_version_once() {
             .iter()
             .filter(|r| r.attempt as i32 == stored[&r.id])
             .count();
-        let deleted = acker.ack_at(b.token, &b.positions).await.unwrap();
+        let ids: Vec<i64> = b.rows.iter().map(|r| r.id).collect();
+        let deleted = acker.ack_at(b.token, &b.positions, &ids).await.unwrap();
         assert_eq!(
             deleted as usize, last_claims,
             "an ack deletes exactly the rows its claim still holds"

@@ -72,4 +72,5 @@ fn failure_reasons_as_stored() {
     assert_eq!(FailureReason::Rejected.as_str(), "rejected");
     assert_eq!(FailureReason::RetriesExhausted.as_str(), "retries_exhausted");
     assert_eq!(FailureReason::PublishRejected.as_str(), "publish_rejected");
+    assert_eq!(FailureReason::Crashed.as_str(), "crashed");
 }

@@ -282,6 +282,7 @@ impl App {
         let subs = self.subscribers();
         self.check(&subs)?;
         self.check_tables(&subs).await?;
+        let health = Arc::new(crate::runtime::Health::default());
         #[cfg(feature = "prometheus")]
         let metrics = match &self.metrics {
             Some(endpoint) => {
@@ -290,9 +291,18 @@ impl App {
                     .filter_map(|s| s.dlq.as_deref().map(TableName::new))
                     .collect::<Result<Vec<_>, _>>()?;
                 let every = endpoint.sample_every();
-                match endpoint.clone().database(self.pool.clone()).serve().await {
+                let workers = health.clone();
+                let best_effort = endpoint.is_best_effort();
+                let serving = endpoint.clone().database(self.pool.clone()).ready_check(
+                    "workers",
+                    move || {
+                        let check = workers.check();
+                        async move { check }
+                    },
+                );
+                match serving.serve().await {
                     Ok(handle) => Some((handle, every, dlqs)),
-                    Err(e) if endpoint.is_best_effort() => {
+                    Err(e) if best_effort => {
                         tracing::warn!("running without the metrics endpoint: {e}");
                         None
                     }
@@ -329,6 +339,7 @@ impl App {
         let state = Arc::new(self.state);
         let sinks = Arc::new(self.sinks);
         let mut tasks = JoinSet::new();
+        let suspects = Arc::new(tokio::sync::Mutex::new(()));
         #[cfg(feature = "prometheus")]
         if let Some((_, every, dlqs)) = &metrics {
             tasks.spawn(crate::metrics::run_sampler(
@@ -357,6 +368,8 @@ impl App {
                 mark_idle_sql: crate::sql::mark_idle(&self.tables),
                 mark_busy_sql: crate::sql::mark_busy(&self.tables),
                 shutdown_timeout: self.shutdown_timeout,
+                suspects: suspects.clone(),
+                health: health.clone(),
                 sub: s,
             });
             for w in 0..rt.sub.workers {

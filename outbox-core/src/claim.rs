@@ -16,6 +16,7 @@
 use crate::sql::{self, ClaimScope};
 use crate::{Envelope, Error, FailureReason, TableName, Tables};
 use sqlx::PgPool;
+use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
@@ -87,6 +88,42 @@ impl sqlx::Encode<'_, sqlx::Postgres> for RowPosition {
     }
 }
 
+/// The longest delay a nack stores: a delay from a custom strategy or
+/// `Ack::nack` beyond it (up to `Duration::MAX`) would overflow the
+/// database's `now() + interval`, and the nack would fail.
+pub const MAX_RETRY_DELAY: Duration = Duration::from_secs(365 * 86_400);
+
+/// The longest error text stored in `last_error`, in bytes.
+pub const MAX_ERROR_LEN: usize = 8 * 1024;
+
+/// An error text PostgreSQL can store: NUL characters (which `text` refuses,
+/// failing the whole statement) replaced by U+FFFD, and at most
+/// [`MAX_ERROR_LEN`] bytes, the cut marked with the full length.
+///
+/// ```
+/// use outbox::claim::storable;
+/// assert_eq!(storable("unknown variant `\0`"), "unknown variant `\u{fffd}`");
+/// let long = "x".repeat(20_000);
+/// assert!(storable(&long).len() <= outbox::claim::MAX_ERROR_LEN);
+/// assert!(storable(&long).ends_with("[cut: 20000 bytes in all]"));
+/// ```
+pub fn storable(text: &str) -> Cow<'_, str> {
+    let text: Cow<'_, str> = if text.contains('\0') {
+        Cow::Owned(text.replace('\0', "\u{fffd}"))
+    } else {
+        Cow::Borrowed(text)
+    };
+    if text.len() <= MAX_ERROR_LEN {
+        return text;
+    }
+    let mark = format!(" ... [cut: {} bytes in all]", text.len());
+    let mut end = MAX_ERROR_LEN - mark.len();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    Cow::Owned(format!("{}{mark}", &text[..end]))
+}
+
 /// A row that failed for good.
 #[derive(Debug, Clone)]
 pub struct Terminal {
@@ -119,6 +156,7 @@ pub struct Claimer {
     claim_sql: String,
     ack_sql: String,
     ack_at_sql: String,
+    renew_sql: String,
     nack_sql: String,
     release_sql: String,
     park_sql: String,
@@ -244,6 +282,7 @@ impl Claimer {
             claim_sql: sql::claim(tables, scope),
             ack_sql: sql::ack(tables),
             ack_at_sql: sql::ack_at(tables),
+            renew_sql: sql::renew(tables),
             nack_sql: sql::nack(tables),
             release_sql: sql::release(tables),
             park_sql: sql::park(tables),
@@ -362,17 +401,53 @@ impl Claimer {
     /// Deletes handled rows found by the positions their claim returned;
     /// returns how many were still held under `token`. Cheaper than
     /// [`Claimer::ack`] (no index lookup per row), with the same guarantee: a
-    /// row whose lease was taken over is not deleted.
-    pub async fn ack_at(&self, token: Uuid, positions: &[RowPosition]) -> Result<u64, Error> {
+    /// row whose lease was taken over is not deleted, and neither is a row
+    /// that is not the one with the id given beside its position (`ids`, in
+    /// the same order as `positions`). Rows not found at their position (the
+    /// table was rewritten since the claim) are acked by id.
+    pub async fn ack_at(
+        &self,
+        token: Uuid,
+        positions: &[RowPosition],
+        ids: &[i64],
+    ) -> Result<u64, Error> {
         if positions.is_empty() {
             return Ok(0);
+        }
+        if positions.len() != ids.len() {
+            return Err(Error::Invalid(format!(
+                "ack_at: {} positions but {} ids (one id per position is expected)",
+                positions.len(),
+                ids.len()
+            )));
         }
         let done = sqlx::query(&self.ack_at_sql)
             .bind(positions)
             .bind(token)
+            .bind(ids)
             .execute(&self.pool)
-            .await?;
-        Ok(done.rows_affected())
+            .await?
+            .rows_affected();
+        if (done as usize) < ids.len() {
+            // Moved (a table rewrite) or taken over: by id, with the token check.
+            return Ok(done + self.ack(token, ids).await?);
+        }
+        Ok(done)
+    }
+
+    /// Extends the lease of rows still held under `token` by the lease TTL,
+    /// from now; returns the ids still held. Their positions change (the rows
+    /// are updated): settle them by id afterwards.
+    pub async fn renew(&self, token: Uuid, ids: &[i64]) -> Result<Vec<i64>, Error> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(sqlx::query_scalar(&self.renew_sql)
+            .bind(ids)
+            .bind(token)
+            .bind(self.lease_ttl_us)
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     /// Deletes handled rows; returns how many were still held under `token`.
@@ -396,9 +471,9 @@ impl Claimer {
         let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
         let delays: Vec<i64> = rows
             .iter()
-            .map(|r| i64::try_from(r.delay.as_micros()).unwrap_or(i64::MAX))
+            .map(|r| r.delay.min(MAX_RETRY_DELAY).as_micros() as i64)
             .collect();
-        let errs: Vec<&str> = rows.iter().map(|r| r.error.as_str()).collect();
+        let errs: Vec<Cow<'_, str>> = rows.iter().map(|r| storable(&r.error)).collect();
         let done = sqlx::query(&self.nack_sql)
             .bind(ids)
             .bind(delays)
@@ -412,13 +487,24 @@ impl Claimer {
     /// Moves rows that failed for good to the dead-letter table in the statement
     /// that deletes them, or parks them when there is none.
     pub async fn fail(&self, token: Uuid, rows: &[Terminal]) -> Result<u64, Error> {
+        let sql = self.dead_letter_sql.as_deref().unwrap_or(&self.park_sql);
+        self.terminal(sql, token, rows).await
+    }
+
+    /// Parks rows that failed for good in the outbox, whether or not there is
+    /// a dead-letter table: the last resort for a row the dead-letter insert
+    /// refuses (a trigger or constraint of the user's on that table).
+    pub async fn park(&self, token: Uuid, rows: &[Terminal]) -> Result<u64, Error> {
+        self.terminal(&self.park_sql, token, rows).await
+    }
+
+    async fn terminal(&self, sql: &str, token: Uuid, rows: &[Terminal]) -> Result<u64, Error> {
         if rows.is_empty() {
             return Ok(0);
         }
         let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
         let reasons: Vec<&str> = rows.iter().map(|r| r.reason.as_str()).collect();
-        let errs: Vec<&str> = rows.iter().map(|r| r.error.as_str()).collect();
-        let sql = self.dead_letter_sql.as_deref().unwrap_or(&self.park_sql);
+        let errs: Vec<Cow<'_, str>> = rows.iter().map(|r| storable(&r.error)).collect();
         let done = sqlx::query(sql)
             .bind(ids)
             .bind(reasons)

@@ -150,13 +150,17 @@ impl DeadLetters {
             .try_get(0)?)
     }
 
-    /// Moves matching dead letters back into the outbox as new rows, in one
-    /// statement; returns their new ids.
+    /// Moves matching dead letters back into the outbox, in one statement;
+    /// returns the ids of the rows written. A replayed row keeps the id it
+    /// had before it was dead-lettered (so the `outbox-id` header consumers
+    /// de-duplicate on is the same as on any copy that reached the broker
+    /// before), unless an outbox row holds that id now; then it gets a new one.
     pub async fn replay(&self, f: &Filter) -> Result<Vec<i64>, Error> {
         let sql = crate::sql::dlq_replay(&self.tables, &self.dlq);
         let rows = Self::bind(sqlx::query(&sql), f)
             .bind(f.limit.unwrap_or(1000))
             .bind(self.tables.channel())
+            .bind(self.tables.outbox.quoted())
             .fetch_all(&self.pool)
             .await?;
         Ok(rows.iter().map(|r| r.get::<i64, _>(0)).collect())

@@ -111,6 +111,11 @@ pub enum FailureReason {
     RetriesExhausted,
     /// The broker refused the message for good (for example: too large).
     PublishRejected,
+    /// The row was delivered `max_deliveries` times more than it was settled:
+    /// the process handling it crashed, was killed or hung each time (a
+    /// payload that aborts the process, exhausts its memory or blocks its
+    /// worker). It is not handled again.
+    Crashed,
 }
 
 impl FailureReason {
@@ -121,6 +126,7 @@ impl FailureReason {
             FailureReason::Rejected => "rejected",
             FailureReason::RetriesExhausted => "retries_exhausted",
             FailureReason::PublishRejected => "publish_rejected",
+            FailureReason::Crashed => "crashed",
         }
     }
 }

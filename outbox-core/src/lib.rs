@@ -59,7 +59,7 @@ pub use schema::{expected_versions, migrate, migrate_dlq, Tables};
 pub use sink::{Outgoing, Sink, SinkError};
 pub use subscriber::{
     AckPolicy, PublisherSpec, Queues, Subscriber, DEFAULT_BATCH_SIZE, DEFAULT_CONCURRENCY,
-    DEFAULT_LEASE_TTL,
+    DEFAULT_LEASE_TTL, DEFAULT_MAX_DELIVERIES,
 };
 
 pub use outbox_macros::{publisher, subscriber};

@@ -4,7 +4,7 @@
 //! sleeping workers watch, and workers also poll on a timer. After a reconnect
 //! the counter is bumped too, since notifications sent meanwhile are lost.
 
-use sqlx::postgres::PgListener;
+use sqlx::postgres::{PgListener, PgPoolOptions};
 use sqlx::PgPool;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -26,6 +26,14 @@ pub(crate) fn spawn(
     let (tx, rx) = watch::channel(0u64);
     let connected = Arc::new(AtomicBool::new(false));
     let flag = connected.clone();
+    // A connection of its own, outside the app's pool: LISTEN holds it for
+    // good, and in a small pool (one connection, say) every claim would wait
+    // for it.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .min_connections(0)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy_with((*pool.connect_options()).clone());
     let task = tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
         loop {

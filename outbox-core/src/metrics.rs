@@ -59,6 +59,12 @@ pub const DEAD_LETTERED_TOTAL: &str = "outbox_dead_lettered_total";
 /// was permanent (`deserialize`, `rejected`, `publish_rejected`), by `queue`
 /// and `reason`.
 pub const REJECTED_TOTAL: &str = "outbox_rejected_total";
+/// Counter: headers of a row dropped because their name is reserved for the
+/// runtime (`outbox-id`, `outbox-queue`, ...; written by another producer).
+pub const RESERVED_HEADERS_DROPPED_TOTAL: &str = "outbox_reserved_headers_dropped_total";
+/// Counter: worker steps that panicked outside the handlers (a custom retry
+/// strategy or sink), by `subscriber`; the worker goes on.
+pub const WORKER_PANICS_TOTAL: &str = "outbox_worker_panics_total";
 /// Histogram: handler run time in seconds, by `queue`.
 pub const HANDLER_SECONDS: &str = "outbox_handler_seconds";
 /// Histogram: time to publish one batch to a broker in seconds, by `sink`.

@@ -1,6 +1,6 @@
 //! The subscriber runtime: claim -> handle -> publish -> settle, in batches.
 
-use crate::claim::{Batch, Claimer, Retry, RowPosition, Terminal};
+use crate::claim::{Batch, Claimer, Retry, RowPosition, Terminal, MAX_RETRY_DELAY};
 use crate::handler::{Decision, Extensions};
 use crate::listen::{sleep_or_stop, Waker};
 use crate::logging::human;
@@ -10,12 +10,13 @@ use crate::{
     Sink, Subscriber,
 };
 use futures::{FutureExt, StreamExt};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
+use tracing::Instrument;
 use uuid::Uuid;
 
 /// Everything one subscriber's workers share.
@@ -29,13 +30,45 @@ pub(crate) struct SubRuntime {
     pub(crate) mark_idle_sql: String,
     pub(crate) mark_busy_sql: String,
     pub(crate) shutdown_timeout: Duration,
+    /// Held while a row under suspicion (delivered before and never settled)
+    /// is handled: one at a time in the process, shared by every subscriber.
+    pub(crate) suspects: Arc<tokio::sync::Mutex<()>>,
+    pub(crate) health: Arc<Health>,
+}
+
+/// What readiness reports about the workers: the last panic outside a
+/// handler, if any.
+#[derive(Default)]
+pub(crate) struct Health {
+    last_panic: Mutex<Option<(Instant, String)>>,
+}
+
+/// How long a worker's panic keeps `/readyz` at "not ready".
+pub(crate) const PANIC_UNREADY_FOR: Duration = Duration::from_secs(60);
+
+impl Health {
+    fn panicked(&self, subscriber: &str, msg: String) {
+        *self.last_panic.lock().expect("health lock") =
+            Some((Instant::now(), format!("subscriber {subscriber:?}: {msg}")));
+    }
+
+    /// `Err` while a worker panicked within the last [`PANIC_UNREADY_FOR`].
+    #[cfg_attr(not(feature = "prometheus"), allow(dead_code))]
+    pub(crate) fn check(&self) -> Result<(), String> {
+        match &*self.last_panic.lock().expect("health lock") {
+            Some((at, msg)) if at.elapsed() < PANIC_UNREADY_FOR => Err(format!(
+                "a worker step panicked {} s ago (its rows come back when their lease expires): {msg}",
+                at.elapsed().as_secs()
+            )),
+            _ => Ok(()),
+        }
+    }
 }
 
 /// One handler call: row index, result, manual decision, run time.
 type Handled = (
     usize,
-    // `None`: the handler was not called (the row's lease ran out first).
-    Option<Result<crate::Output, HandlerError>>,
+    Result<crate::Output, HandlerError>,
     Option<Decision>,
     Duration,
 );
@@ -142,7 +175,12 @@ impl SubRuntime {
             );
             let in_flight = metrics::gauge!(m::IN_FLIGHT, "subscriber" => self.sub.name.clone());
             in_flight.increment(ids.len() as f64);
-            let work = self.process(token, batch.rows, batch.positions, claimed_at);
+            // A panic outside the handlers (a custom retry strategy or sink)
+            // ends this step, not the worker: the rows stay leased and come
+            // back when the lease expires, counted by `max_deliveries`.
+            let work =
+                AssertUnwindSafe(self.process(token, batch.rows, batch.positions, claimed_at))
+                    .catch_unwind();
             let next = futures::future::maybe_done(async {
                 if full {
                     Some(self.claim().await)
@@ -163,10 +201,17 @@ impl SubRuntime {
                 tokio::time::sleep(timeout).await;
             };
             let finished = tokio::select! {
-                _ = futures::future::join(work.as_mut(), next.as_mut()) => true,
-                _ = deadline => false,
+                (r, _) = futures::future::join(work.as_mut(), next.as_mut()) => Some(r),
+                _ = deadline => None,
             };
-            if !finished {
+            if let Some(Err(panic)) = &finished {
+                let msg = panic_message(panic);
+                tracing::error!(subscriber = %self.sub.name, worker, rows = ids.len(), "worker step panicked outside the handlers: {msg}; its rows come back when their lease expires");
+                metrics::counter!(m::WORKER_PANICS_TOTAL, "subscriber" => self.sub.name.clone())
+                    .increment(1);
+                self.health.panicked(&self.sub.name, msg);
+            }
+            if finished.is_none() {
                 tracing::warn!(subscriber = %self.sub.name, rows = ids.len(), "shutdown deadline passed; releasing unfinished rows");
                 self.give_back(token, &ids).await;
                 // A claim of the next batch may be under way: let it finish
@@ -222,7 +267,10 @@ impl SubRuntime {
         }
     }
 
-    /// Handles a batch and settles every row of it.
+    /// Handles a batch and settles every row of it, in four steps: screen
+    /// (rows delivered too often without being settled), handle, publish,
+    /// settle. The batch's lease is renewed meanwhile, so that neither a slow
+    /// handler within its time limit nor a slow send loses it.
     async fn process(
         &self,
         token: Uuid,
@@ -230,72 +278,195 @@ impl SubRuntime {
         positions: Vec<RowPosition>,
         claimed_at: Instant,
     ) {
-        let rows: Vec<Arc<Envelope>> = rows.into_iter().map(Arc::new).collect();
-        let ttl = self.sub.lease_ttl;
-        // The lease runs from the claim, not from the moment a handler starts:
-        // a row that waited for a free slot (or in a prefetched batch) has less
-        // of it left. Keep a margin for publishing and settling, so that a
-        // handler never runs past its row's lease (another instance could take
-        // the row over and handle it as well).
-        let lease_deadline = claimed_at + ttl - lease_margin(ttl);
-        let handler = &self.sub.handler;
-        let results: Vec<Handled> =
-            futures::stream::iter(rows.iter().cloned().enumerate())
-                .map(|(i, env)| {
-                    let ctx = self.context();
-                    let span = tracing::info_span!("message", queue = %env.queue, id = env.id, attempt = env.attempt, key = env.key.as_deref().unwrap_or(""));
-                    async move {
-                        let started = Instant::now();
-                        let Some(budget) = lease_deadline.checked_duration_since(started) else {
-                            // The lease ran out while the row waited for a slot:
-                            // give it back untouched instead of racing its next owner.
-                            return (i, None, None, Duration::ZERO);
-                        };
-                        tracing::debug!("{} | received", env.queue);
-                        // A handler may panic while building its future, too.
-                        let call = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                            handler.call(env.clone(), ctx.clone())
-                        }));
-                        let r = match call {
-                            Err(panic) => Err(HandlerError::transient(format!(
-                                "handler panicked: {}",
-                                panic_message(&panic)
-                            ))),
-                            Ok(fut) => match tokio::time::timeout(budget, AssertUnwindSafe(fut).catch_unwind()).await {
-                                Ok(Ok(r)) => r,
-                                Ok(Err(panic)) => Err(HandlerError::transient(format!(
-                                    "handler panicked: {}",
-                                    panic_message(&panic)
-                                ))),
-                                Err(_) => Err(HandlerError::transient(format!(
-                                    "handler did not finish within the lease ({ttl:?}, less {:?} kept for publishing and settling)",
-                                    lease_margin(ttl)
-                                ))),
-                            },
-                        };
-                        (i, Some(r), ctx.take_decision(), started.elapsed())
+        let every = renew_every(self.sub.lease_ttl);
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        let lease = Lease {
+            token,
+            ids,
+            renewed: AtomicBool::new(false),
+        };
+        let mut rows: Vec<Row> = rows
+            .into_iter()
+            .zip(positions)
+            .map(|(env, position)| Row {
+                env: Arc::new(env),
+                position,
+            })
+            .collect();
+        // A prefetched batch may have waited for the one before it: renew its
+        // lease before handling it, and drop the rows taken over meanwhile.
+        if claimed_at.elapsed() >= every {
+            match self.claimer.renew(token, &lease.ids).await {
+                Ok(held) => {
+                    lease.renewed.store(true, Ordering::SeqCst);
+                    if held.len() < rows.len() {
+                        tracing::warn!(subscriber = %self.sub.name, rows = rows.len() - held.len(), "lease lost before handling (taken over after expiry); left to their new owner");
+                        let held: HashSet<i64> = held.into_iter().collect();
+                        rows.retain(|r| held.contains(&r.env.id));
                     }
-                    .instrument_with(span)
-                })
-                .buffer_unordered(self.sub.concurrency)
-                .collect()
-                .await;
+                }
+                Err(e) => {
+                    tracing::warn!(subscriber = %self.sub.name, error = %e, "lease renewal failed")
+                }
+            }
+        }
+        let work = async {
+            let Screened {
+                crashed,
+                healthy,
+                suspect,
+                later,
+            } = self.screen(rows);
+            if !crashed.is_empty() {
+                let fates = crashed
+                    .iter()
+                    .map(|r| {
+                        Fate::Fail(
+                            FailureReason::Crashed,
+                            format!(
+                                "delivered {} times without being settled (the process handling it crashed, was killed or hung each time; max_deliveries = {}); not handled again",
+                                unsettled(&r.env),
+                                self.sub.max_deliveries
+                            ),
+                        )
+                    })
+                    .collect();
+                self.settle(&lease, &crashed, fates).await;
+            }
+            if !later.is_empty() {
+                let fates = later.iter().map(|_| Fate::Release).collect();
+                self.settle(&lease, &later, fates).await;
+            }
+            if !healthy.is_empty() {
+                self.run(&lease, healthy).await;
+            }
+            if let Some(row) = suspect {
+                // One row under suspicion at a time in this process, alone: if
+                // it crashes the process again, only it is charged.
+                let _alone = self.suspects.lock().await;
+                self.run(&lease, vec![row]).await;
+            }
+        };
+        tokio::select! {
+            _ = work => {}
+            _ = self.keep_lease(&lease, Instant::now().max(claimed_at + every)) => {}
+        }
+    }
+
+    /// Splits a batch by how often its rows were delivered without being
+    /// settled: rows over `max_deliveries` (dead-lettered as `crashed`), rows
+    /// never left unsettled (handled together), and rows under suspicion: the
+    /// first is handled alone, the others are given back at once (without
+    /// being charged) for later claims.
+    fn screen(&self, rows: Vec<Row>) -> Screened {
+        let mut s = Screened::default();
+        for row in rows {
+            let n = unsettled(&row.env);
+            if n >= self.sub.max_deliveries {
+                s.crashed.push(row);
+            } else if n == 0 {
+                s.healthy.push(row);
+            } else if s.suspect.is_none() {
+                s.suspect = Some(row);
+            } else {
+                s.later.push(row);
+            }
+        }
+        s
+    }
+
+    /// Renews the batch's lease every third of its TTL, from `first`, until
+    /// dropped (when the batch is settled).
+    async fn keep_lease(&self, lease: &Lease, first: Instant) {
+        let every = renew_every(self.sub.lease_ttl);
+        tokio::time::sleep_until(first.into()).await;
+        loop {
+            match self.claimer.renew(lease.token, &lease.ids).await {
+                Ok(held) => {
+                    lease.renewed.store(true, Ordering::SeqCst);
+                    tracing::debug!(subscriber = %self.sub.name, rows = held.len(), "lease renewed");
+                }
+                Err(e) => {
+                    tracing::warn!(subscriber = %self.sub.name, error = %e, "lease renewal failed; trying again")
+                }
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    /// Handles, publishes and settles rows that run together.
+    async fn run(&self, lease: &Lease, rows: Vec<Row>) {
+        let handled = self.handle(&rows).await;
+        let (mut fates, outgoing) = self.decide(&rows, handled);
+        self.publish(outgoing, &mut fates).await;
+        self.settle(lease, &rows, fates).await;
+    }
+
+    /// Runs the handler of every row, `concurrency` at a time. Each runs in a
+    /// task of its own, so that its time limit fires even when it blocks its
+    /// thread; the limit counts from its own start (a row that waited for a
+    /// slot is not cut short: the lease is renewed meanwhile).
+    async fn handle(&self, rows: &[Row]) -> Vec<Handled> {
+        let ttl = self.sub.lease_ttl;
+        let budget = ttl - lease_margin(ttl);
+        let envs: Vec<(usize, Arc<Envelope>)> =
+            rows.iter().map(|r| r.env.clone()).enumerate().collect();
+        let results: Vec<Handled> = futures::stream::iter(envs)
+            .map(|(i, env)| {
+                let ctx = self.context();
+                let handler = self.sub.handler.clone();
+                let span = tracing::info_span!("message", queue = %env.queue, id = env.id, attempt = env.attempt, key = env.key.as_deref().unwrap_or(""));
+                async move {
+                    let started = Instant::now();
+                    tracing::debug!("{} | received", env.queue);
+                    let decision = ctx.clone();
+                    let mut task = tokio::spawn(
+                        async move {
+                            // A handler may panic while building its future, too.
+                            let fut = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                                handler.call(env, ctx)
+                            }))?;
+                            AssertUnwindSafe(fut).catch_unwind().await
+                        }
+                        .in_current_span(),
+                    );
+                    let r = match tokio::time::timeout(budget, &mut task).await {
+                        Ok(Ok(Ok(r))) => r,
+                        Ok(Ok(Err(panic))) => Err(panicked(&panic)),
+                        Ok(Err(join)) if join.is_panic() => Err(panicked(&join.into_panic())),
+                        Ok(Err(join)) => Err(HandlerError::transient(format!("handler task ended: {join}"))),
+                        Err(_) => {
+                            task.abort();
+                            Err(HandlerError::transient(format!(
+                                "handler did not finish within its time limit ({:?}: the lease, {ttl:?}, less {:?} kept for publishing and settling)",
+                                budget,
+                                lease_margin(ttl)
+                            )))
+                        }
+                    };
+                    (i, r, decision.take_decision(), started.elapsed())
+                }
+                .instrument_with(span)
+            })
+            .buffer_unordered(self.sub.concurrency)
+            .collect()
+            .await;
         m::record_handler_times(
             results
                 .iter()
-                .filter(|(_, r, _, _)| r.is_some())
-                .map(|(i, _, _, took)| (rows[*i].queue.as_str(), *took)),
+                .map(|(i, _, _, took)| (rows[*i].env.queue.as_str(), *took)),
         );
+        results
+    }
 
-        let mut fates: Vec<Option<Fate>> = (0..rows.len()).map(|_| None).collect();
-        let mut outgoing: HashMap<String, Vec<(usize, Outgoing)>> = HashMap::new();
-        for (i, result, decision, took) in results {
-            let env = &rows[i];
-            let Some(result) = result else {
-                fates[i] = Some(Fate::Release);
-                continue;
-            };
-            let fate = match (self.sub.ack, decision, result) {
+    /// What becomes of each handled row, and the messages its handler's
+    /// output asks to publish, by sink.
+    fn decide(&self, rows: &[Row], handled: Vec<Handled>) -> (Vec<Fate>, Outgoing_) {
+        let mut fates: Vec<Fate> = rows.iter().map(|_| Fate::Release).collect();
+        let mut outgoing: Outgoing_ = HashMap::new();
+        for (i, result, decision, took) in handled {
+            let env = &rows[i].env;
+            fates[i] = match (self.sub.ack, decision, result) {
                 (AckPolicy::Manual, Some(Decision::Nack(delay, err)), _) => {
                     Fate::Retry(HandlerError::transient(err), delay)
                 }
@@ -335,13 +506,19 @@ impl SubRuntime {
                     HandlerErrorKind::Transient => Fate::Retry(e, None),
                 },
             };
-            fates[i] = Some(fate);
         }
+        (fates, outgoing)
+    }
 
-        // Every message of the batch in flight at once, per sink.
+    /// Sends every message of the rows at once, per sink; a row whose message
+    /// failed is retried (or dead-lettered when the broker refused it for
+    /// good) instead of acked. A sink that answers fewer results than it was
+    /// given messages failed the messages it did not answer.
+    async fn publish(&self, outgoing: Outgoing_, fates: &mut [Fate]) {
         let sends = outgoing.into_iter().map(|(name, msgs)| async move {
             let (idx, batch): (Vec<usize>, Vec<Outgoing>) = msgs.into_iter().unzip();
-            let results = match self.sinks.get(&name) {
+            let n = batch.len();
+            let mut results = match self.sinks.get(&name) {
                 Some(sink) => {
                     let started = Instant::now();
                     let results = sink.send(batch).await;
@@ -358,28 +535,41 @@ impl SubRuntime {
                     })
                     .collect(),
             };
+            if results.len() < n {
+                tracing::error!(sink = %name, messages = n, results = results.len(), "the sink answered fewer results than messages; the rest count as failed");
+                let missing = format!(
+                    "sink {name:?} answered {} results for {n} messages: no result for this one",
+                    results.len()
+                );
+                results.resize(n, Err(crate::SinkError::transient(missing)));
+            }
             idx.into_iter().zip(results).collect::<Vec<_>>()
         });
         for (i, result) in futures::future::join_all(sends).await.into_iter().flatten() {
             if let Err(e) = result {
                 let downgrade = match &fates[i] {
-                    Some(Fate::Ack(_)) | None => true,
-                    Some(Fate::Retry(..)) => e.permanent,
+                    Fate::Ack(_) => true,
+                    Fate::Retry(..) => e.permanent,
                     _ => false,
                 };
                 if downgrade {
-                    fates[i] = Some(if e.permanent {
+                    fates[i] = if e.permanent {
                         Fate::Fail(FailureReason::PublishRejected, e.message)
                     } else {
                         Fate::Retry(
                             HandlerError::transient(format!("publish failed: {}", e.message)),
                             None,
                         )
-                    });
+                    };
                 }
             }
         }
+    }
 
+    /// Logs and counts each row's fate and writes it: acks, nacks (with the
+    /// strategy's delay, or to the dead letters when its budget is spent),
+    /// dead letters and releases, one statement each.
+    async fn settle(&self, lease: &Lease, rows: &[Row], fates: Vec<Fate>) {
         let mut acks = Vec::new();
         let mut retries = Vec::new();
         let mut terminal = Vec::new();
@@ -387,13 +577,14 @@ impl SubRuntime {
         let mut acked_queues = Vec::new();
         let mut retried_queues = Vec::new();
         let mut failed = Vec::new();
-        for ((env, fate), position) in rows.iter().zip(fates).zip(positions) {
-            match fate.unwrap_or(Fate::Release) {
+        for (row, fate) in rows.iter().zip(fates) {
+            let env = &row.env;
+            match fate {
                 Fate::Ack(handled_in) => {
                     if let Some(took) = handled_in {
                         tracing::debug!(queue = %env.queue, id = env.id, "{} | processed in {} ms", env.queue, took.as_millis());
                     }
-                    acks.push(position);
+                    acks.push((row.position, env.id));
                     acked_queues.push(env.queue.as_str());
                 }
                 Fate::Release => release.push(env.id),
@@ -407,7 +598,7 @@ impl SubRuntime {
                     });
                 }
                 Fate::Retry(err, forced) => {
-                    let attempt = env.failures + 1;
+                    let attempt = env.failures.saturating_add(1);
                     // The strategy decides whether the budget allows another
                     // attempt; a delay asked for by `Ack::nack` only replaces its delay.
                     let next = self
@@ -421,7 +612,7 @@ impl SubRuntime {
                                 Some(max) => format!("/{max}"),
                                 None => String::new(),
                             };
-                            tracing::warn!(queue = %env.queue, id = env.id, "{} | retry {attempt}{of} in {}: {}", env.queue, human(delay), err.message());
+                            tracing::warn!(queue = %env.queue, id = env.id, "{} | retry {attempt}{of} in {}: {}", env.queue, human(delay.min(MAX_RETRY_DELAY)), err.message());
                             retried_queues.push(env.queue.as_str());
                             retries.push(Retry {
                                 id: env.id,
@@ -455,59 +646,182 @@ impl SubRuntime {
                 .filter(|(_, r)| *r != FailureReason::RetriesExhausted.as_str()),
         );
         m::count_by_queue_reason(m::DEAD_LETTERED_TOTAL, failed);
-        self.settle("ack", || self.claimer.ack_at(token, &acks), acks.len())
-            .await;
-        self.settle("nack", || self.claimer.nack(token, &retries), retries.len())
-            .await;
-        self.settle(
-            "dead-letter",
-            || self.claimer.fail(token, &terminal),
-            terminal.len(),
-        )
+        let token = lease.token;
+        // After a renewal the rows are no longer where the claim left them.
+        let renewed = lease.renewed.load(Ordering::SeqCst);
+        self.write("ack", &acks, |rows| {
+            let ids: Vec<i64> = rows.iter().map(|(_, id)| *id).collect();
+            async move {
+                if renewed {
+                    self.claimer.ack(token, &ids).await
+                } else {
+                    let positions: Vec<RowPosition> = rows.iter().map(|(p, _)| *p).collect();
+                    self.claimer.ack_at(token, &positions, &ids).await
+                }
+            }
+        })
         .await;
-        self.settle(
-            "release",
-            || self.claimer.release(token, &release),
-            release.len(),
-        )
+        self.write("nack", &retries, |rows| self.claimer.nack(token, rows))
+            .await;
+        let refused = self
+            .write("dead-letter", &terminal, |rows| {
+                self.claimer.fail(token, rows)
+            })
+            .await;
+        if !refused.is_empty() && self.claimer.has_dlq() {
+            // The dead-letter table refused these rows even one by one (a
+            // trigger or constraint of its own): park them in the outbox
+            // instead, so that they stop coming back.
+            let refused: Vec<Terminal> = refused.into_iter().cloned().collect();
+            tracing::error!(subscriber = %self.sub.name, rows = refused.len(), "the dead-letter table refused rows; parking them in the outbox");
+            self.write("park", &refused, |rows| self.claimer.park(token, rows))
+                .await;
+        }
+        self.write("release", &release, |rows| {
+            self.claimer.release(token, rows)
+        })
         .await;
     }
 
-    /// Runs a settling statement, retrying briefly on database errors; if it
-    /// still fails, the rows come back when their lease expires.
-    async fn settle<F, Fut>(&self, what: &str, f: F, n: usize)
+    /// Runs one settling statement for `rows`. A connection error is retried
+    /// until the lease is about to run out. When the database refuses the
+    /// statement itself, it is run row by row, so that one row it cannot take
+    /// does not hold back its batch neighbours. Returns the rows that could not
+    /// be written even alone; they come back when their lease expires.
+    async fn write<'a, T, F, Fut>(&self, what: &str, rows: &'a [T], f: F) -> Vec<&'a T>
+    where
+        F: Fn(&'a [T]) -> Fut,
+        Fut: std::future::Future<Output = Result<u64, crate::Error>>,
+    {
+        if rows.is_empty() {
+            return Vec::new();
+        }
+        let deadline = Instant::now() + self.sub.lease_ttl - lease_margin(self.sub.lease_ttl);
+        match self
+            .write_retrying(what, rows.len(), deadline, || f(rows))
+            .await
+        {
+            Ok(()) => Vec::new(),
+            Err(e) if rows.len() == 1 => {
+                tracing::error!(subscriber = %self.sub.name, what, error = %e, "settling a row failed; it comes back when its lease expires");
+                vec![&rows[0]]
+            }
+            Err(e) => {
+                tracing::warn!(subscriber = %self.sub.name, what, error = %e, rows = rows.len(), "settling a batch failed; settling its rows one by one");
+                let mut refused = Vec::new();
+                for row in rows.chunks(1) {
+                    if let Err(e) = self.write_retrying(what, 1, deadline, || f(row)).await {
+                        tracing::error!(subscriber = %self.sub.name, what, error = %e, "settling a row failed; it comes back when its lease expires");
+                        refused.push(&row[0]);
+                    }
+                }
+                refused
+            }
+        }
+    }
+
+    /// One settling statement, retried on connection errors until `deadline`;
+    /// a database error (the statement itself refused) is returned at once.
+    async fn write_retrying<F, Fut>(
+        &self,
+        what: &str,
+        n: usize,
+        deadline: Instant,
+        f: F,
+    ) -> Result<(), crate::Error>
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<u64, crate::Error>>,
     {
-        if n == 0 {
-            return;
-        }
         let mut wait = Duration::from_millis(50);
-        for attempt in 1..=4 {
+        loop {
             match f().await {
                 Ok(done) => {
                     if (done as usize) < n {
                         tracing::warn!(subscriber = %self.sub.name, what, expected = n, done, "lease lost for some rows (taken over after expiry); left to their new owner");
                     }
-                    return;
+                    return Ok(());
                 }
-                Err(e) if attempt < 4 => {
-                    tracing::warn!(subscriber = %self.sub.name, what, error = %e, "settling failed; retrying");
-                    tokio::time::sleep(wait).await;
-                    wait *= 4;
-                }
+                Err(e) if is_refusal(&e) || Instant::now() + wait >= deadline => return Err(e),
                 Err(e) => {
-                    tracing::error!(subscriber = %self.sub.name, what, error = %e, rows = n, "settling failed; rows come back when their lease expires");
+                    tracing::warn!(subscriber = %self.sub.name, what, error = %e, retry_in = ?wait, "settling failed; retrying");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
                 }
             }
         }
     }
 }
 
+/// Whether the database refused the statement itself (a constraint, a value
+/// it cannot store, a trigger's error), as opposed to a lost connection.
+fn is_refusal(e: &crate::Error) -> bool {
+    matches!(e, crate::Error::Database(sqlx::Error::Database(_)))
+}
+
+/// Times a row was delivered without being settled, before this delivery.
+fn unsettled(env: &Envelope) -> u32 {
+    env.attempt.saturating_sub(1).saturating_sub(env.failures)
+}
+
+/// How often a batch's lease is renewed while it is handled: a third of it.
+fn renew_every(ttl: Duration) -> Duration {
+    ttl / 3
+}
+
+fn panicked(p: &Box<dyn std::any::Any + Send>) -> HandlerError {
+    HandlerError::transient(format!("handler panicked: {}", panic_message(p)))
+}
+
+/// One claimed row: the envelope, and where the claim left it.
+struct Row {
+    env: Arc<Envelope>,
+    position: RowPosition,
+}
+
+/// A batch's lease: its token, its rows, and whether it was renewed (the rows
+/// then are elsewhere than their claim positions).
+struct Lease {
+    token: Uuid,
+    ids: Vec<i64>,
+    renewed: AtomicBool,
+}
+
+/// A batch split by [`SubRuntime::screen`].
+#[derive(Default)]
+struct Screened {
+    crashed: Vec<Row>,
+    healthy: Vec<Row>,
+    suspect: Option<Row>,
+    later: Vec<Row>,
+}
+
+/// Messages to publish, by sink, each with the index of its row.
+type Outgoing_ = HashMap<String, Vec<(usize, Outgoing)>>;
+
+/// Whether a header name starts with [`crate::RESERVED_HEADER_PREFIX`], in any
+/// case. `publish` refuses such names; a row's own header of such a name
+/// (written by another producer) is dropped and counted, so that a consumer
+/// that de-duplicates on `outbox-id` never sees a forged one.
+fn reserved(name: &str) -> bool {
+    let prefix = crate::RESERVED_HEADER_PREFIX;
+    name.len() >= prefix.len()
+        && name.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
+}
+
 fn add_headers(o: &mut Outgoing, env: &Envelope) {
+    let mut dropped = 0u64;
     for (k, v) in &env.headers {
+        if reserved(k) {
+            dropped += 1;
+            continue;
+        }
         o.headers.push((k.clone(), v.as_bytes().to_vec()));
+    }
+    if dropped > 0 {
+        tracing::warn!(queue = %env.queue, id = env.id, dropped, "{} | row headers with names reserved for the runtime dropped", env.queue);
+        metrics::counter!(m::RESERVED_HEADERS_DROPPED_TOTAL, "queue" => env.queue.clone())
+            .increment(dropped);
     }
     o.headers
         .push(("outbox-id".into(), env.id.to_string().into_bytes()));

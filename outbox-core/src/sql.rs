@@ -9,16 +9,36 @@ use crate::Tables;
 /// Times go out as integers computed in `float8` (`date_part`): `extract`
 /// computes in `numeric`, several times slower per row, for a precision
 /// (below the microsecond) nothing here uses.
+///
+/// Every expression holds for any storable value, so that one row written by
+/// another producer cannot make the whole claim fail: times are clamped into
+/// `int8` (`created_at = 'infinity'` would overflow the cast), and the
+/// elapsed time is a difference of `float8` epochs (subtracting an infinite
+/// `timestamptz` is an error).
 const RETURNING: &str = "o.id, o.queue, o.payload, o.headers, o.partition_key, o.correlation_id, \
-     o.attempts, o.deliveries, (date_part('epoch', o.created_at) * 1000)::int8 AS created_at_ms, \
-     (date_part('epoch', now() - o.first_attempt_at) * 1000000)::int8 AS elapsed_us, \
+     o.attempts, o.deliveries, \
+     greatest(least(date_part('epoch', o.created_at) * 1000, 9.2e18), -9.2e18)::int8 AS created_at_ms, \
+     greatest(least((date_part('epoch', now()) - date_part('epoch', o.first_attempt_at)) * 1000000, 9.2e18), 0)::int8 AS elapsed_us, \
      o.ctid AS position, o.next_attempt_at AS due";
 
+/// `col` in ms since the Unix epoch, clamped into `int8` (see [`RETURNING`]).
+macro_rules! epoch_ms {
+    ($col:literal) => {
+        concat!(
+            "greatest(least(date_part('epoch', ",
+            $col,
+            ") * 1000, 9.2e18), -9.2e18)::int8"
+        )
+    };
+}
+
 /// `next_attempt_at` of a new row from `$delay_us` / `$at_epoch_us` parameters.
+/// A delay counts from the statement (`clock_timestamp()`), not from the start
+/// of the caller's transaction (`now()`), which may be long before.
 fn due(delay: &str, at: &str) -> String {
     format!(
         "CASE WHEN {at} IS NOT NULL THEN to_timestamp({at} / 1000000.0) \
-              WHEN {delay} IS NOT NULL THEN now() + {delay} * interval '1 microsecond' \
+              WHEN {delay} IS NOT NULL THEN clock_timestamp() + {delay} * interval '1 microsecond' \
               ELSE now() END"
     )
 }
@@ -192,7 +212,7 @@ pub(crate) fn claim(t: &Tables, scope: ClaimScope) -> String {
     format!(
         "WITH {ASYNC_COMMIT}, picked AS ({picked}) \
          UPDATE {o} o SET lease_token = $4, lease_acquired_at = now(), \
-             lease_expires_at = now() + $3::int8 * interval '1 microsecond', deliveries = o.deliveries + 1, \
+             lease_expires_at = now() + $3::int8 * interval '1 microsecond', deliveries = least(o.deliveries, 2147483646) + 1, \
              first_attempt_at = coalesce(o.first_attempt_at, now()), last_attempt_at = now() \
          FROM sc WHERE o.ctid = ANY(ARRAY(SELECT pos FROM picked)) \
            AND {queue_check} o.parked_at IS NULL AND {claimable} \
@@ -206,15 +226,30 @@ fn claimable(alias: &str) -> String {
     format!("({alias}.lease_token IS NULL OR {alias}.lease_expires_at <= now())")
 }
 
-/// `$1` positions (`ctid`s), `$2` token. The claim returned where it
-/// wrote each row; a TID scan finds them without a primary-key descent per
-/// row (about a quarter of the claim -> ack cycle's cost at batch 500). A row
-/// updated since (its lease taken over, by a later claim) is at another
-/// position and carries another token: it is not deleted.
+/// `$1` positions (`ctid`s), `$2` token, `$3` ids (same order as the
+/// positions). The claim returned where it wrote each row; a TID scan per
+/// position finds them without a primary-key descent per row. A row updated
+/// since (its lease taken over) is at another position and carries another
+/// token: it is not deleted. The id is matched as well: after a table
+/// rewrite (`VACUUM FULL`, `CLUSTER`, pg_repack, a rewriting `ALTER TABLE`)
+/// an old position can address another row of the same batch, which must
+/// not be deleted undelivered. Rows not found where the claim left them are
+/// then acked by id ([`ack`]).
 pub(crate) fn ack_at(t: &Tables) -> String {
     format!(
-        "WITH {ASYNC_COMMIT} DELETE FROM {o} o USING sc \
-         WHERE o.ctid = ANY($1::tid[]) AND o.lease_token = $2",
+        "WITH {ASYNC_COMMIT} DELETE FROM {o} o USING unnest($1::tid[], $3::int8[]) AS u(pos, id), sc \
+         WHERE o.ctid = u.pos AND o.id = u.id AND o.lease_token = $2",
+        o = t.outbox.quoted()
+    )
+}
+
+/// `$1` ids, `$2` token, `$3` lease TTL in µs: extends the lease of rows still
+/// held under `$2`, from now; returns their ids.
+pub(crate) fn renew(t: &Tables) -> String {
+    format!(
+        "WITH {ASYNC_COMMIT} \
+         UPDATE {o} o SET lease_expires_at = now() + $3::int8 * interval '1 microsecond' \
+         FROM sc WHERE o.id = ANY($1) AND o.lease_token = $2 RETURNING o.id",
         o = t.outbox.quoted()
     )
 }
@@ -231,7 +266,7 @@ pub(crate) fn ack(t: &Tables) -> String {
 pub(crate) fn nack(t: &Tables) -> String {
     format!(
         "WITH {ASYNC_COMMIT} \
-         UPDATE {o} o SET lease_token = NULL, lease_acquired_at = NULL, lease_expires_at = NULL, attempts = o.attempts + 1, \
+         UPDATE {o} o SET lease_token = NULL, lease_acquired_at = NULL, lease_expires_at = NULL, attempts = least(o.attempts, 2147483646) + 1, \
              next_attempt_at = now() + u.delay_us * interval '1 microsecond', last_error = u.err \
          FROM unnest($1::int8[], $2::int8[], $3::text[]) AS u(id, delay_us, err), sc \
          WHERE o.id = u.id AND o.lease_token = $4",
@@ -239,11 +274,14 @@ pub(crate) fn nack(t: &Tables) -> String {
     )
 }
 
-/// `$1` ids, `$2` token: gives rows back without counting an attempt.
+/// `$1` ids, `$2` token: gives rows back without counting an attempt, nor
+/// the delivery (a row given back was not handled to the end, through no
+/// fault of its own; see `max_deliveries`).
 pub(crate) fn release(t: &Tables) -> String {
     format!(
         "WITH {ASYNC_COMMIT} \
-         UPDATE {o} o SET lease_token = NULL, lease_acquired_at = NULL, lease_expires_at = NULL \
+         UPDATE {o} o SET lease_token = NULL, lease_acquired_at = NULL, lease_expires_at = NULL, \
+             deliveries = greatest(o.deliveries - 1, 0) \
          FROM sc WHERE o.id = ANY($1) AND o.lease_token = $2",
         o = t.outbox.quoted()
     )
@@ -260,7 +298,7 @@ pub(crate) fn dead_letter(t: &Tables, dlq: &crate::TableName) -> String {
                       o.attempts, o.deliveries, o.created_at, u.reason, u.err) \
          INSERT INTO {d} (original_id, queue, payload, headers, partition_key, correlation_id, \
                           attempts, deliveries, created_at, failure_reason, last_error) \
-         SELECT id, queue, payload, headers, partition_key, correlation_id, attempts + 1, deliveries, \
+         SELECT id, queue, payload, headers, partition_key, correlation_id, least(attempts, 2147483646) + 1, deliveries, \
                 created_at, reason, err FROM d",
         o = t.outbox.quoted(),
         d = dlq.quoted()
@@ -272,7 +310,7 @@ pub(crate) fn park(t: &Tables) -> String {
     format!(
         "WITH {ASYNC_COMMIT} \
          UPDATE {o} o SET lease_token = NULL, lease_acquired_at = NULL, lease_expires_at = NULL, parked_at = now(), \
-             attempts = o.attempts + 1, failure_reason = u.reason, last_error = u.err \
+             attempts = least(o.attempts, 2147483646) + 1, failure_reason = u.reason, last_error = u.err \
          FROM unnest($1::int8[], $2::text[], $3::text[]) AS u(id, reason, err), sc \
          WHERE o.id = u.id AND o.lease_token = $4",
         o = t.outbox.quoted()
@@ -298,10 +336,13 @@ pub(crate) fn mark_busy(t: &Tables) -> String {
 }
 
 /// Columns of a dead letter, as [`crate::dlq::DeadLetter`] reads them.
-const DLQ_COLUMNS: &str =
-    "id, original_id, queue, payload, headers, partition_key, correlation_id, \
-     attempts, deliveries, (extract(epoch from created_at) * 1000)::int8 AS created_at_ms, \
-     (extract(epoch from failed_at) * 1000)::int8 AS failed_at_ms, failure_reason, last_error";
+const DLQ_COLUMNS: &str = concat!(
+    "id, original_id, queue, payload, headers, partition_key, correlation_id, attempts, deliveries, ",
+    epoch_ms!("created_at"),
+    " AS created_at_ms, ",
+    epoch_ms!("failed_at"),
+    " AS failed_at_ms, failure_reason, last_error"
+);
 
 /// The filter of DLQ commands: `$1` queue, `$2` min id, `$3` max id, `$4` since (epoch ms).
 const DLQ_FILTER: &str = "($1::text IS NULL OR queue = $1) AND ($2::int8 IS NULL OR id >= $2) \
@@ -325,13 +366,20 @@ pub(crate) fn dlq_purge(dlq: &crate::TableName) -> String {
     format!("DELETE FROM {d} WHERE {DLQ_FILTER}", d = dlq.quoted())
 }
 
-/// Moves matching dead letters back into the outbox in one statement.
+/// Moves matching dead letters back into the outbox in one statement; `$7`
+/// the outbox table's quoted name (for its id sequence). A replayed row keeps
+/// its original id (the `outbox-id` header consumers de-duplicate on), unless
+/// a row of the outbox holds that id now (a producer that writes ids itself).
 pub(crate) fn dlq_replay(t: &Tables, dlq: &crate::TableName) -> String {
     format!(
         "WITH d AS (DELETE FROM {d} WHERE id IN (SELECT id FROM {d} WHERE {DLQ_FILTER} ORDER BY id LIMIT $5) \
-                    RETURNING id, queue, payload, headers, partition_key, correlation_id), \
-              ins AS (INSERT INTO {o} (queue, payload, headers, partition_key, correlation_id) \
-                      SELECT queue, payload, headers, partition_key, correlation_id FROM d ORDER BY id \
+                    RETURNING id, original_id, queue, payload, headers, partition_key, correlation_id), \
+              ins AS (INSERT INTO {o} (id, queue, payload, headers, partition_key, correlation_id) \
+                      SELECT CASE WHEN d.dup > 1 OR EXISTS (SELECT 1 FROM {o} x WHERE x.id = d.original_id) \
+                                  THEN nextval(pg_get_serial_sequence($7, 'id')) ELSE d.original_id END, \
+                             queue, payload, headers, partition_key, correlation_id \
+                      FROM (SELECT d.*, row_number() OVER (PARTITION BY d.original_id ORDER BY d.id) AS dup FROM d) AS d \
+                      ORDER BY d.id \
                       RETURNING id), \
               {notify} \
          SELECT ins.id FROM ins CROSS JOIN (SELECT count(*) FROM n) AS woke ORDER BY ins.id",
@@ -345,17 +393,18 @@ pub(crate) fn dlq_replay(t: &Tables, dlq: &crate::TableName) -> String {
 pub(crate) fn parked_list(t: &Tables) -> String {
     format!(
         "SELECT id, queue, payload, headers, partition_key, correlation_id, attempts, deliveries, \
-             (extract(epoch from created_at) * 1000)::int8 AS created_at_ms, \
-             (extract(epoch from parked_at) * 1000)::int8 AS parked_at_ms, failure_reason, last_error \
+             {created} AS created_at_ms, {parked} AS parked_at_ms, failure_reason, last_error \
          FROM {o} WHERE parked_at IS NOT NULL AND ($1::text IS NULL OR queue = $1) ORDER BY id LIMIT $2",
-        o = t.outbox.quoted()
+        o = t.outbox.quoted(),
+        created = epoch_ms!("created_at"),
+        parked = epoch_ms!("parked_at"),
     )
 }
 
 /// `$1` ids: parked rows become pending again with a fresh retry budget.
 pub(crate) fn unpark(t: &Tables) -> String {
     format!(
-        "UPDATE {o} SET parked_at = NULL, attempts = 0, first_attempt_at = NULL, next_attempt_at = now(), \
+        "UPDATE {o} SET parked_at = NULL, attempts = 0, deliveries = 0, first_attempt_at = NULL, next_attempt_at = now(), \
              failure_reason = NULL WHERE id = ANY($1) AND parked_at IS NOT NULL",
         o = t.outbox.quoted()
     )

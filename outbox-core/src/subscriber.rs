@@ -40,6 +40,8 @@ pub const DEFAULT_BATCH_SIZE: usize = 100;
 pub const DEFAULT_CONCURRENCY: usize = 100;
 /// Default lease time-to-live.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
+/// Default of [`Subscriber::max_deliveries`].
+pub const DEFAULT_MAX_DELIVERIES: u32 = 5;
 
 /// One subscriber: a handler and its settings.
 ///
@@ -64,6 +66,7 @@ pub struct Subscriber {
     pub(crate) workers: usize,
     pub(crate) batch_size: usize,
     pub(crate) lease_ttl: Duration,
+    pub(crate) max_deliveries: u32,
     pub(crate) retry: Arc<dyn RetryStrategy>,
     pub(crate) dlq: Option<String>,
     pub(crate) dlq_default: bool,
@@ -84,6 +87,7 @@ impl std::fmt::Debug for Subscriber {
             .field("workers", &self.workers)
             .field("batch_size", &self.batch_size)
             .field("lease_ttl", &self.lease_ttl)
+            .field("max_deliveries", &self.max_deliveries)
             .field("retry", &self.retry)
             .field("dlq", &self.dlq)
             .field("ack", &self.ack)
@@ -106,6 +110,7 @@ impl Subscriber {
             workers: 1,
             batch_size: DEFAULT_BATCH_SIZE,
             lease_ttl: DEFAULT_LEASE_TTL,
+            max_deliveries: DEFAULT_MAX_DELIVERIES,
             retry: Arc::new(ExponentialRetry::default()),
             dlq: None,
             dlq_default: true,
@@ -161,10 +166,33 @@ impl Subscriber {
         self
     }
 
-    /// How long a claim holds a row; a handler running longer is abandoned and
-    /// the row retried (1 s to 24 h).
+    /// How long a claim holds a row before another worker may take it over
+    /// (1 s to 24 h). While a batch is handled and published, its lease is
+    /// renewed every third of this, so a slow send never loses it. A handler
+    /// running longer than this, less a tenth kept for publishing and
+    /// settling, counted from its own start, is abandoned and the row retried.
     pub fn lease_ttl(mut self, ttl: Duration) -> Self {
         self.lease_ttl = ttl;
+        self
+    }
+
+    /// How many more times a row may be delivered than it was settled before
+    /// it is dead-lettered as `crashed` without running its handler again (1
+    /// to 1,000; default 5). A delivery that is never settled is one whose
+    /// process crashed, was killed or hung (a payload that aborts the process,
+    /// exhausts its memory, overflows its stack or blocks its thread). A row
+    /// delivered before and never settled is handled alone, one such row at a
+    /// time in this process, so that a crash it causes does not count against
+    /// healthy rows. Rows given back (shutdown) are not counted.
+    ///
+    /// ```
+    /// let sub = outbox::Subscriber::new("audit", |_env, _ctx| async { Ok(outbox::Output::none()) })
+    ///     .queue("audit")
+    ///     .max_deliveries(3);
+    /// assert!(sub.validate().is_ok());
+    /// ```
+    pub fn max_deliveries(mut self, n: u32) -> Self {
+        self.max_deliveries = n;
         self
     }
 
@@ -259,6 +287,12 @@ impl Subscriber {
         range(&mut e, "concurrency", self.concurrency, 10_000);
         range(&mut e, "workers", self.workers, 64);
         range(&mut e, "batch_size", self.batch_size, 10_000);
+        range(
+            &mut e,
+            "max_deliveries",
+            self.max_deliveries as usize,
+            1_000,
+        );
         if self.lease_ttl < Duration::from_secs(1) || self.lease_ttl > Duration::from_secs(86_400) {
             e.push(format!(
                 "lease_ttl is {:?}, accepted: 1 s to 24 h",

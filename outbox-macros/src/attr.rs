@@ -17,6 +17,7 @@ const OPTIONS: &[&str] = &[
     "workers",
     "batch_size",
     "lease_ttl",
+    "max_deliveries",
     "retry",
     "dlq",
     "no_dlq",
@@ -60,6 +61,7 @@ pub(crate) struct SubscriberArgs {
     pub(crate) batch_size: Option<LitInt>,
     /// The literal (for its span) and the duration in milliseconds.
     pub(crate) lease_ttl: Option<(LitStr, u64)>,
+    pub(crate) max_deliveries: Option<LitInt>,
     pub(crate) retry: Option<Expr>,
     pub(crate) dlq: Option<Dlq>,
     pub(crate) ack: Option<WithSpan<Ack>>,
@@ -279,13 +281,14 @@ impl SubscriberArgs {
                 }
                 self.name = Some(lit);
             }
-            "concurrency" | "workers" | "batch_size" => {
+            "concurrency" | "workers" | "batch_size" | "max_deliveries" => {
                 let example = format!("{name} = 10");
                 let v = value.ok_or_else(|| needs(&example))?;
                 let lit = expect_positive_int(v, &name, &example)?;
                 match name.as_str() {
                     "concurrency" => self.concurrency = Some(lit),
                     "workers" => self.workers = Some(lit),
+                    "max_deliveries" => self.max_deliveries = Some(lit),
                     _ => self.batch_size = Some(lit),
                 }
             }

@@ -308,6 +308,9 @@ fn emit(func: &ItemFn, parsed: &Parsed) -> TokenStream {
     if let Some(n) = &args.batch_size {
         settings.push(quote! { .batch_size(#n) });
     }
+    if let Some(n) = &args.max_deliveries {
+        settings.push(quote! { .max_deliveries(#n) });
+    }
     if let Some((_, ms)) = &args.lease_ttl {
         settings.push(quote! { .lease_ttl(::core::time::Duration::from_millis(#ms)) });
     }

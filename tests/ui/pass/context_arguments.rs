@@ -14,6 +14,7 @@ struct Config {
     workers = 2,
     batch_size = 10,
     lease_ttl = "2m",
+    max_deliveries = 3,
     retry = outbox::ConstantRetry::new(Duration::from_secs(1)),
     no_dlq,
     ordered = true,
@@ -40,6 +41,7 @@ fn main() {
     let sub = greet::subscriber();
     sub.validate().unwrap();
     assert!(format!("{sub:?}").contains("lease_ttl: 120s"), "{sub:?}");
+    assert!(format!("{sub:?}").contains("max_deliveries: 3"), "{sub:?}");
     let sub = manual::subscriber();
     assert!(format!("{sub:?}").contains("ack: Manual"), "{sub:?}");
     let sub = rejecting::subscriber();
