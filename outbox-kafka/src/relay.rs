@@ -13,11 +13,12 @@
 //! ```
 
 use crate::config::{
-    parse_bool, parse_duration, parse_number, redact_userinfo, BrokerConfig, ConfigError,
+    human, parse_bool, parse_duration, parse_number, redact_userinfo, BrokerConfig, ConfigError,
 };
 use crate::Broker;
 use outbox::{Envelope, ExponentialRetry, HandlerError, Output, Subscriber, TableName, Tables};
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
+use sqlx::Connection;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
@@ -550,6 +551,15 @@ async fn metrics_endpoint(
     Ok(Some(endpoint))
 }
 
+/// How long one attempt to reach the database may take (a host that drops
+/// packets would otherwise hold the first attempt for minutes).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The first pause between two attempts to reach the database; it doubles up
+/// to [`CONNECT_BACKOFF_MAX`].
+const CONNECT_BACKOFF: Duration = Duration::from_millis(200);
+/// The longest pause between two attempts to reach the database.
+const CONNECT_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
 /// Connects to `config.database_url` (retrying with backoff while the
 /// database is unreachable, until `shutdown` completes) and runs the relay
 /// until `shutdown` completes, or until the outbox is empty with
@@ -559,31 +569,65 @@ pub async fn run_relay(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RelayError> {
     config.validate()?;
+    // Polled from here on, so a signal handler behind it is in place while
+    // the database is awaited.
     let mut shutdown = std::pin::pin!(shutdown);
-    let pool_size = u32::try_from(config.workers * 2 + 3).unwrap_or(32);
-    let redacted = redact_userinfo(&config.database_url);
-    let mut backoff = Duration::from_millis(200);
-    let pool = loop {
-        let connect = PgPoolOptions::new()
-            .max_connections(pool_size)
-            .acquire_timeout(Duration::from_secs(30))
-            .connect(&config.database_url);
-        match connect.await {
-            Ok(pool) => break pool,
-            Err(e) => {
-                tracing::warn!(database = %redacted, retry_in = ?backoff, "cannot connect to the database: {e}");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = &mut shutdown => return Ok(()),
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-        }
+    let Some(pool) = connect(&config, &mut shutdown).await else {
+        return Ok(());
     };
-    tracing::info!(database = %redacted, "connected to the database");
     let result = run_relay_on(pool.clone(), config, shutdown).await;
     pool.close().await;
     result
+}
+
+/// The pool, once the database answers; `None` when `shutdown` completed
+/// first. Every failed attempt is logged with its cause.
+async fn connect(
+    config: &RelayConfig,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Option<PgPool> {
+    let url = &config.database_url;
+    let redacted = redact_userinfo(url);
+    let pool_size = u32::try_from(config.workers * 2 + 3).unwrap_or(32);
+    let mut backoff = CONNECT_BACKOFF;
+    loop {
+        let attempt = async {
+            // One connection first: a pool retries a refused connection
+            // silently until its acquire timeout, then reports only "pool
+            // timed out".
+            let probe = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect(url))
+                .await
+                .map_err(|_| format!("no answer within {}", human(CONNECT_TIMEOUT)))?
+                .map_err(|e| e.to_string())?;
+            let _ = probe.close().await;
+            PgPoolOptions::new()
+                .max_connections(pool_size)
+                .acquire_timeout(Duration::from_secs(30))
+                .connect(url)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        let error = tokio::select! {
+            result = attempt => match result {
+                Ok(pool) => {
+                    tracing::info!(database = %redacted, "connected to the database");
+                    return Some(pool);
+                }
+                Err(e) => e,
+            },
+            _ = &mut *shutdown => return None,
+        };
+        tracing::warn!(
+            database = %redacted,
+            retry_in = %human(backoff),
+            "cannot connect to the database: {error}"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = &mut *shutdown => return None,
+        }
+        backoff = (backoff * 2).min(CONNECT_BACKOFF_MAX);
+    }
 }
 
 /// [`run_relay`] on a pool the caller made.
