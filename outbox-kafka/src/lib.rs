@@ -43,9 +43,9 @@ mod topic;
 
 pub use broker::{Broker, LogContext};
 pub use config::{
-    is_secret_key, parse_bool, parse_duration, parse_number, prop_key, redact_userinfo, Acks,
-    BrokerConfig, Compression, ConfigError, DEFAULT_SERVERS, DEFAULT_WRITE_TIMEOUT, MAX_BATCH_SIZE,
-    MAX_LINGER, MAX_WRITE_TIMEOUT, PROP_PREFIX,
+    is_secret_key, parse_bool, parse_duration, parse_number, prop_key, Acks, BrokerConfig,
+    Compression, ConfigError, DEFAULT_SERVERS, DEFAULT_WRITE_TIMEOUT, MAX_BATCH_SIZE, MAX_LINGER,
+    MAX_WRITE_TIMEOUT, PROP_PREFIX,
 };
 pub use error::Error;
 pub use topic::ensure_topic;

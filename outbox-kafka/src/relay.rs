@@ -12,15 +12,15 @@
 //! # Ok(()) }
 //! ```
 
-use crate::config::{
-    human, parse_bool, parse_duration, parse_number, redact_userinfo, BrokerConfig, ConfigError,
-};
+use crate::config::{human, parse_bool, parse_duration, parse_number, BrokerConfig, ConfigError};
 use crate::Broker;
+use outbox::logging::{is_secret_name, redact_url, url_secrets};
 use outbox::{Envelope, ExponentialRetry, HandlerError, Output, Subscriber, TableName, Tables};
-use sqlx::postgres::{PgConnection, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::Connection;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -499,11 +499,86 @@ fn check_database_url(url: &str) -> Result<(), ConfigError> {
             "DATABASE_URL",
             format!(
                 "{:?} is not a PostgreSQL URL (accepted: postgres://user:password@host:port/database)",
-                redact_userinfo(url)
+                redact_url(url)
             ),
         ));
     }
-    Ok(())
+    connect_options(url).map(|_| ())
+}
+
+/// Query parameters of a connection URL that sqlx's PostgreSQL driver reads.
+/// It logs any other one with its value.
+const DRIVER_URL_PARAMS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// The driver's options for `DATABASE_URL`, and the names of the query
+/// parameters left out of them: those the driver does not read and that look
+/// secret (`sslpassword`, ...), since the driver would only log them, value
+/// included. A URL the driver refuses (a bad port, an unknown `sslmode`, ...)
+/// is an invalid setting: retrying the connection could never help.
+fn connect_options(url: &str) -> Result<(PgConnectOptions, Vec<String>), ConfigError> {
+    let invalid = |e: String| {
+        ConfigError::invalid(
+            "DATABASE_URL",
+            format!(
+                "{:?} is not a valid PostgreSQL URL: {} (accepted: \
+                 postgres://user:password@host:port/database?param=value)",
+                redact_url(url),
+                scrub(&e, url)
+            ),
+        )
+    };
+    let mut parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
+    let mut left_out = Vec::new();
+    if parsed.query().is_some() {
+        type Pairs = Vec<(String, String)>;
+        let (kept, dropped): (Pairs, Pairs) =
+            parsed.query_pairs().into_owned().partition(|(name, _)| {
+                DRIVER_URL_PARAMS.contains(&name.as_str())
+                    || name.starts_with("options[")
+                    || !is_secret_name(name)
+            });
+        if !dropped.is_empty() {
+            left_out = dropped.into_iter().map(|(name, _)| name).collect();
+            if kept.is_empty() {
+                parsed.set_query(None);
+            } else {
+                parsed.query_pairs_mut().clear().extend_pairs(kept);
+            }
+        }
+    }
+    let options =
+        PgConnectOptions::from_str(parsed.as_str()).map_err(|e| invalid(e.to_string()))?;
+    Ok((options, left_out))
+}
+
+/// `text` without the secrets of `url`, for a driver's message that might
+/// quote them.
+fn scrub(text: &str, url: &str) -> String {
+    url_secrets(url)
+        .iter()
+        .filter(|s| s.len() >= 3)
+        .fold(text.to_owned(), |text, secret| {
+            text.replace(secret.as_str(), "***")
+        })
 }
 
 /// The metrics endpoint to serve, with the broker's readiness check; `None`
@@ -587,7 +662,21 @@ async fn connect(
     shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> Option<PgPool> {
     let url = &config.database_url;
-    let redacted = redact_userinfo(url);
+    let redacted = redact_url(url);
+    let (options, left_out) = match connect_options(url) {
+        Ok(found) => found,
+        // `validate` checked it already.
+        Err(e) => {
+            tracing::error!("{e}");
+            return None;
+        }
+    };
+    for name in left_out {
+        tracing::warn!(
+            database = %redacted,
+            "DATABASE_URL: parameter {name:?} is not one the PostgreSQL driver reads; it is left out (its value is not shown)"
+        );
+    }
     let pool_size = u32::try_from(config.workers * 2 + 3).unwrap_or(32);
     let mut backoff = CONNECT_BACKOFF;
     loop {
@@ -595,17 +684,17 @@ async fn connect(
             // One connection first: a pool retries a refused connection
             // silently until its acquire timeout, then reports only "pool
             // timed out".
-            let probe = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect(url))
+            let probe = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options))
                 .await
                 .map_err(|_| format!("no answer within {}", human(CONNECT_TIMEOUT)))?
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| scrub(&e.to_string(), url))?;
             let _ = probe.close().await;
             PgPoolOptions::new()
                 .max_connections(pool_size)
                 .acquire_timeout(Duration::from_secs(30))
-                .connect(url)
+                .connect_with(options.clone())
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| scrub(&e.to_string(), url))
         };
         let error = tokio::select! {
             result = attempt => match result {

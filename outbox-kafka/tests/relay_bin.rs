@@ -503,3 +503,100 @@ fn an_unreachable_database_is_reported_at_once_and_sigterm_exits_0() {
     );
     assert!(!log.contains("pool timed out"), "{log}");
 }
+
+/// `url` with its user-info replaced by `userinfo` (`user` or `user:password`).
+fn with_userinfo(url: &str, userinfo: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let end = url[start..].find('/').map_or(url.len(), |i| start + i);
+    let host = match url[start..end].rfind('@') {
+        Some(at) => &url[start + at + 1..end],
+        None => &url[start..end],
+    };
+    format!("{}{userinfo}@{host}{}", &url[..start], &url[end..])
+}
+
+/// Neither a password holding '@' nor a `password` / `sslpassword` query
+/// parameter reaches the relay's log: not in the line naming the database it
+/// cannot reach, nor in the line naming the one it connected to, nor in an
+/// error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_url_secrets_never_reach_the_log() {
+    // Unreachable, so the log names the database in its retry warnings.
+    let mut unreachable = Running::start(&[
+        (
+            "DATABASE_URL",
+            "postgres://outbox:p%40ss@word-s3cret@127.0.0.1:1/outbox?sslmode=disable\
+             &password=query-s3cret&sslpassword=ssl-s3cret",
+        ),
+        ("KAFKA_BROKERS", &kafka_brokers()),
+        ("METRICS_ADDR", "off"),
+    ]);
+    assert!(
+        unreachable.wait_for_log(Duration::from_secs(10), |log| log.contains("127.0.0.1:1")),
+        "no line names the database; the relay's log:\n{}",
+        unreachable.log()
+    );
+    unreachable.terminate(Duration::from_secs(10));
+    let log = unreachable.log();
+    for secret in ["s3cret", "p%40ss", "p@ss", "word-"] {
+        assert!(!log.contains(secret), "{secret:?} leaked:\n{log}");
+    }
+    assert!(log.contains("password=***"), "{log}");
+
+    // Reachable, the password given only as a query parameter: the relay
+    // connects, logs so, then stops for want of an outbox table (exit 1).
+    let db = TestDb::new().await;
+    let url = format!(
+        "{}?password={}&sslpassword=ssl-s3cret",
+        with_userinfo(&db.url, &current_user(&db.url)),
+        current_password(&db.url)
+    );
+    let vars = [
+        ("DATABASE_URL", url),
+        ("KAFKA_BROKERS", kafka_brokers()),
+        ("METRICS_ADDR", "off".to_owned()),
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        relay(&vars, &[])
+    })
+    .await
+    .unwrap();
+    let log = stderr(&out);
+    assert!(log.contains("connected to the database"), "{log}");
+    let password = current_password(&db.url);
+    assert!(
+        !log.contains(&format!("password={password}")),
+        "the password leaked:\n{log}"
+    );
+    assert!(
+        !log.contains("ssl-s3cret"),
+        "the ssl password leaked:\n{log}"
+    );
+    db.drop_db().await;
+}
+
+/// The user name of a `scheme://user:password@host/...` URL.
+fn current_user(url: &str) -> String {
+    userinfo(url)
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The password of a `scheme://user:password@host/...` URL.
+fn current_password(url: &str) -> String {
+    userinfo(url)
+        .split_once(':')
+        .map(|(_, p)| p.to_owned())
+        .unwrap_or_default()
+}
+
+fn userinfo(url: &str) -> &str {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let end = url[start..].find('/').map_or(url.len(), |i| start + i);
+    url[start..end]
+        .rfind('@')
+        .map_or("", |at| &url[start..start + at])
+}
