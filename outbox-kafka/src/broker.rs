@@ -276,8 +276,24 @@ impl Broker {
     async fn send_batch(&self, batch: Vec<Outgoing>) -> Vec<Result<(), SinkError>> {
         let inner = &*self.inner;
         let mut results: Vec<Option<Result<(), SinkError>>> = vec![None; batch.len()];
+        // A topic Kafka would refuse is refused here, for good: librdkafka
+        // would only let the message time out, and its row be retried.
+        for (i, msg) in batch.iter().enumerate() {
+            if let Err(why) = topic::check_topic_name(&msg.topic) {
+                results[i] = Some(Err(SinkError::permanent(format!(
+                    "kafka cannot take a message for topic {:?}: {why}",
+                    msg.topic
+                ))));
+            }
+        }
         if inner.admin.is_some() {
-            let failed = self.create_missing_topics(&batch).await;
+            let wanted: Vec<&str> = batch
+                .iter()
+                .zip(&results)
+                .filter(|(_, r)| r.is_none())
+                .map(|(m, _)| m.topic.as_str())
+                .collect();
+            let failed = self.create_missing_topics(&wanted).await;
             if !failed.is_empty() {
                 for (i, msg) in batch.iter().enumerate() {
                     if let Some(e) = failed.get(&msg.topic) {
@@ -459,6 +475,14 @@ impl Broker {
                     "kafka refused the message for topic {topic:?} as invalid: {detail}"
                 ))
             }
+            Some(RDKafkaErrorCode::InvalidTopic) => SinkError::permanent(format!(
+                "kafka refused topic {topic:?} as invalid (an internal topic, or a name it does not \
+                 accept); map the queue to a topic of your own: {detail}"
+            )),
+            Some(RDKafkaErrorCode::TopicAuthorizationFailed) => SinkError::permanent(format!(
+                "kafka refused access to topic {topic:?} (topic authorization failed): grant the \
+                 producer's principal WRITE on it, then replay the dead letters: {detail}"
+            )),
             Some(RDKafkaErrorCode::UnknownTopic | RDKafkaErrorCode::UnknownTopicOrPartition) => {
                 SinkError::transient(format!(
                     "kafka topic {topic:?} does not exist and topics are not created automatically \
@@ -476,18 +500,18 @@ impl Broker {
         }
     }
 
-    /// Creates the batch's topics that are not known to exist; returns the
-    /// topics that could not be created.
-    async fn create_missing_topics(&self, batch: &[Outgoing]) -> HashMap<String, SinkError> {
+    /// Creates the topics that are not known to exist; returns the topics
+    /// that could not be created.
+    async fn create_missing_topics(&self, topics: &[&str]) -> HashMap<String, SinkError> {
         let Some(admin) = &self.inner.admin else {
             return HashMap::new();
         };
         let missing: Vec<String> = {
             let known = self.inner.known_topics.lock().expect("known topics lock");
             let mut seen = HashSet::new();
-            batch
+            topics
                 .iter()
-                .map(|m| m.topic.as_str())
+                .copied()
                 .filter(|t| !known.contains(*t) && seen.insert(*t))
                 .map(str::to_owned)
                 .collect()
@@ -534,13 +558,14 @@ impl Broker {
                 .collect()
         };
         if results.iter().any(|r| r.is_some()) {
-            // A topic could not be created: the batch cannot be complete.
+            // A topic was refused or could not be created: the batch cannot
+            // be complete.
             return results
                 .into_iter()
                 .map(|r| match r {
                     Some(Err(e)) => Err(e),
                     _ => Err(SinkError::transient(
-                        "kafka transaction not attempted: a topic of the batch could not be created",
+                        "kafka transaction not attempted: a topic of the batch was refused or could not be created",
                     )),
                 })
                 .collect();
@@ -764,6 +789,35 @@ fn outbox_id(msg: &Outgoing) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn outgoing(topic: &str) -> Outgoing {
+        Outgoing {
+            sink: "kafka".into(),
+            topic: topic.into(),
+            key: Some(b"key".to_vec()),
+            payload: b"payload".to_vec(),
+            headers: vec![("h".into(), vec![b'x'; 100])],
+        }
+    }
+
+    #[test]
+    fn invalid_topics_and_refused_access_are_permanent_and_name_the_topic() {
+        // Nothing is contacted until a send.
+        let broker = Broker::new(BrokerConfig::default()).unwrap();
+        for code in [
+            RDKafkaErrorCode::InvalidTopic,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+        ] {
+            let e = broker.sink_error(&KafkaError::MessageProduction(code), &outgoing("t.x"));
+            assert!(e.permanent, "{code:?}: {e}");
+            assert!(e.message.contains("topic \"t.x\""), "{code:?}: {e}");
+        }
+        let e = broker.sink_error(
+            &KafkaError::MessageProduction(RDKafkaErrorCode::UnknownTopicOrPartition),
+            &outgoing("t.x"),
+        );
+        assert!(!e.permanent, "a missing topic may be created: {e}");
+    }
 
     #[test]
     fn repeated_librdkafka_messages_are_logged_once_per_window_with_a_count() {

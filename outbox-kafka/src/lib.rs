@@ -48,7 +48,7 @@ pub use config::{
     MAX_WRITE_TIMEOUT, PROP_PREFIX,
 };
 pub use error::Error;
-pub use topic::ensure_topic;
+pub use topic::{check_topic_name, ensure_topic, MAX_TOPIC_LEN};
 
 /// Sends a handler's return value to a Kafka topic; stack it on
 /// `#[outbox::subscriber]`, in either order:

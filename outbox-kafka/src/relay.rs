@@ -13,6 +13,7 @@
 //! ```
 
 use crate::config::{human, parse_bool, parse_duration, parse_number, BrokerConfig, ConfigError};
+use crate::topic::{check_topic_name, topic_char};
 use crate::Broker;
 use outbox::logging::{is_secret_name, redact_url, url_secrets};
 use outbox::{Envelope, ExponentialRetry, HandlerError, Output, Subscriber, TableName, Tables};
@@ -32,8 +33,7 @@ pub const DEFAULT_RELAY_BATCH_SIZE: usize = 500;
 pub const DEFAULT_RELAY_CONCURRENCY: usize = 500;
 /// Default of `RELAY_WORKERS`.
 pub const DEFAULT_RELAY_WORKERS: usize = 2;
-/// Longest topic name Kafka accepts.
-pub const MAX_TOPIC_LEN: usize = 249;
+pub use crate::topic::MAX_TOPIC_LEN;
 
 /// Where the relay serves `/metrics`, `/healthz` and `/readyz` unless
 /// `METRICS_ADDR` says otherwise.
@@ -112,7 +112,7 @@ impl TopicMap {
                     format!("{entry:?} has an empty queue (accepted: queue1:topic1,queue2:topic2)"),
                 ));
             }
-            check_topic(topic).map_err(|m| ConfigError::invalid("TOPIC_MAP", m))?;
+            check_topic_name(topic).map_err(|m| ConfigError::invalid("TOPIC_MAP", m))?;
             if out.insert(queue.to_owned(), topic.to_owned()).is_some() {
                 return Err(ConfigError::invalid(
                     "TOPIC_MAP",
@@ -126,6 +126,15 @@ impl TopicMap {
                 "TOPIC_PREFIX",
                 format!(
                     "character {c:?} is not allowed in a topic name (accepted: ASCII letters, digits, '.', '_', '-')"
+                ),
+            ));
+        }
+        if prefix.starts_with("__") {
+            return Err(ConfigError::invalid(
+                "TOPIC_PREFIX",
+                format!(
+                    "{prefix:?} would name topics internal to Kafka (names starting with \"__\" \
+                     are kept for Kafka itself; accepted: a prefix not starting with \"__\")"
                 ),
             ));
         }
@@ -147,31 +156,13 @@ impl TopicMap {
             Some(t) => return Ok(t.clone()),
             None => format!("{}{queue}", self.prefix),
         };
-        check_topic(&topic).map_err(|m| {
+        check_topic_name(&topic).map_err(|m| {
             format!(
                 "queue {queue:?} has no valid Kafka topic: {m}; map it with TOPIC_MAP=queue:topic"
             )
         })?;
         Ok(topic)
     }
-}
-
-fn topic_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
-}
-
-fn check_topic(topic: &str) -> Result<(), String> {
-    if topic.is_empty() || topic.len() > MAX_TOPIC_LEN || topic == "." || topic == ".." {
-        return Err(format!(
-            "topic {topic:?} is not 1 to {MAX_TOPIC_LEN} characters (other than . and ..)"
-        ));
-    }
-    if let Some(c) = topic.chars().find(|c| !topic_char(*c)) {
-        return Err(format!(
-            "topic {topic:?}: character {c:?} is not allowed (accepted: ASCII letters, digits, '.', '_', '-')"
-        ));
-    }
-    Ok(())
 }
 
 /// Log output of the binary.

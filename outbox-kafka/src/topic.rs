@@ -9,6 +9,46 @@ use rdkafka::error::RDKafkaErrorCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// Longest topic name Kafka accepts.
+pub const MAX_TOPIC_LEN: usize = 249;
+
+/// Whether `c` may appear in a Kafka topic name.
+pub(crate) fn topic_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+/// Checks a topic name as Kafka does (1 to 249 of ASCII letters, digits, `.`,
+/// `_`, `-`, other than `.` and `..`), and refuses the names Kafka keeps for
+/// itself (starting with `__`, such as `__consumer_offsets`): a message to
+/// one of them could never be delivered, however often it were retried.
+///
+/// ```
+/// use outbox_kafka::check_topic_name;
+/// assert!(check_topic_name("orders.v1").is_ok());
+/// assert!(check_topic_name("orders v1").is_err());
+/// let e = check_topic_name("__consumer_offsets").unwrap_err();
+/// assert!(e.contains("internal"), "{e}");
+/// ```
+pub fn check_topic_name(topic: &str) -> Result<(), String> {
+    if topic.is_empty() || topic.len() > MAX_TOPIC_LEN || topic == "." || topic == ".." {
+        return Err(format!(
+            "topic {topic:?} is not 1 to {MAX_TOPIC_LEN} characters (other than . and ..)"
+        ));
+    }
+    if let Some(c) = topic.chars().find(|c| !topic_char(*c)) {
+        return Err(format!(
+            "topic {topic:?}: character {c:?} is not allowed (accepted: ASCII letters, digits, '.', '_', '-')"
+        ));
+    }
+    if topic.starts_with("__") {
+        return Err(format!(
+            "topic {topic:?} is internal to Kafka (names starting with \"__\", such as \
+             __consumer_offsets, are kept for Kafka itself; accepted: a topic of your own)"
+        ));
+    }
+    Ok(())
+}
+
 /// An admin client made from a broker configuration.
 pub(crate) struct Admin {
     client: Arc<AdminClient<LogContext>>,

@@ -110,6 +110,16 @@ fn bad_settings_exit_2_naming_the_variable() {
             "orders",
             r#"TOPIC_MAP: "orders" is not queue:topic"#,
         ),
+        (
+            "TOPIC_MAP",
+            "orders:__consumer_offsets",
+            r#"TOPIC_MAP: topic "__consumer_offsets" is internal to Kafka"#,
+        ),
+        (
+            "TOPIC_PREFIX",
+            "__app.",
+            r#"TOPIC_PREFIX: "__app." would name topics internal to Kafka"#,
+        ),
         ("DATABASE_URL", "mysql://u:pw@h/db", "DATABASE_URL: "),
         (
             "METRICS_SAMPLE_INTERVAL",
@@ -599,4 +609,84 @@ fn userinfo(url: &str) -> &str {
     url[start..end]
         .rfind('@')
         .map_or("", |at| &url[start..start + at])
+}
+
+/// Polls the dead-letter table until a row of `queue` is there, at most
+/// `timeout`; its failure reason and last error.
+async fn dead_letter(db: &TestDb, queue: &str, timeout: Duration) -> Option<(String, String)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let row: Option<(String, Option<String>)> = sqlx::query_as(
+            "select failure_reason, last_error from outbox_dlq where queue = $1 limit 1",
+        )
+        .bind(queue)
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap();
+        if let Some((reason, error)) = row {
+            return Some((reason, error.unwrap_or_default()));
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A queue whose topic Kafka would refuse (an internal topic such as
+/// `__consumer_offsets`) is dead-lettered at once, naming the topic, instead
+/// of being retried for minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_mapped_to_an_internal_topic_is_dead_lettered_at_once() {
+    let db = TestDb::new().await;
+    outbox::migrate(&db.pool, &outbox::Tables::default())
+        .await
+        .unwrap();
+    outbox::Message::json("__consumer_offsets", &1)
+        .unwrap()
+        .publish(&db.pool)
+        .await
+        .unwrap();
+    let mut relay = Running::start(&[
+        ("DATABASE_URL", &db.url),
+        ("KAFKA_BROKERS", &kafka_brokers()),
+        ("METRICS_ADDR", "off"),
+    ]);
+    let dead = dead_letter(&db, "__consumer_offsets", Duration::from_secs(15)).await;
+    relay.terminate(Duration::from_secs(10));
+    let (reason, error) = dead.unwrap_or_else(|| {
+        panic!(
+            "not dead-lettered within 15 s; the relay's log:\n{}",
+            relay.log()
+        )
+    });
+    assert!(
+        error.contains("\"__consumer_offsets\""),
+        "{reason}: {error}"
+    );
+    assert!(error.contains("internal"), "{reason}: {error}");
+    db.drop_db().await;
+}
+
+/// The Kafka sink itself (as `#[kafka::publisher]` uses it) refuses an
+/// internal topic for good, at once, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_refuses_an_internal_topic_for_good() {
+    use outbox::Sink;
+    let broker =
+        outbox_kafka::Broker::new(outbox_kafka::BrokerConfig::new(&kafka_brokers())).unwrap();
+    let started = Instant::now();
+    let results = broker
+        .send(vec![outbox::Outgoing {
+            sink: "kafka".into(),
+            topic: "__transaction_state".into(),
+            key: None,
+            payload: b"1".to_vec(),
+            headers: vec![],
+        }])
+        .await;
+    let e = results[0].clone().unwrap_err();
+    assert!(e.permanent, "{e}");
+    assert!(e.message.contains("\"__transaction_state\""), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{e}");
 }
