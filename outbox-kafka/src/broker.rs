@@ -465,11 +465,19 @@ impl Broker {
                 RDKafkaErrorCode::MessageSizeTooLarge
                 | RDKafkaErrorCode::MessageBatchTooLarge
                 | RDKafkaErrorCode::InvalidMessageSize,
-            ) => SinkError::permanent(format!(
-                "kafka refused the message for topic {topic:?} as too large ({} bytes of payload; \
-                 see message.max.bytes of the producer and the broker, max.message.bytes of the topic): {detail}",
-                msg.payload.len()
-            )),
+            ) => {
+                let key = msg.key.as_ref().map_or(0, Vec::len);
+                let headers: usize = msg.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+                let total = msg.payload.len() + key + headers;
+                SinkError::permanent(format!(
+                    "kafka refused the message for topic {topic:?} as too large: {total} bytes \
+                     (payload {}, key {key}, headers {headers}); the limit is {} bytes in the \
+                     producer (message.max.bytes) and may be lower in the broker \
+                     (message.max.bytes) or the topic (max.message.bytes): {detail}",
+                    msg.payload.len(),
+                    config.max_message_bytes()
+                ))
+            }
             Some(RDKafkaErrorCode::InvalidRecord | RDKafkaErrorCode::InvalidMessage) => {
                 SinkError::permanent(format!(
                     "kafka refused the message for topic {topic:?} as invalid: {detail}"
@@ -817,6 +825,28 @@ mod tests {
             &outgoing("t.x"),
         );
         assert!(!e.permanent, "a missing topic may be created: {e}");
+    }
+
+    #[test]
+    fn a_message_too_large_is_reported_with_its_whole_size_and_the_limit() {
+        let broker = Broker::new(BrokerConfig::default()).unwrap();
+        let e = broker.sink_error(
+            &KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+            &outgoing("t.x"),
+        );
+        assert!(e.permanent, "{e}");
+        // payload 7 + key 3 + headers 1 + 100.
+        assert!(
+            e.message
+                .contains("111 bytes (payload 7, key 3, headers 101); the limit is 1000000 bytes"),
+            "{e}"
+        );
+        let broker = Broker::new(BrokerConfig::default().set("message.max.bytes", "5000")).unwrap();
+        let e = broker.sink_error(
+            &KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+            &outgoing("t.x"),
+        );
+        assert!(e.message.contains("the limit is 5000 bytes"), "{e}");
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub const MAX_LINGER: Duration = Duration::from_secs(900);
 /// The largest batch size accepted (librdkafka's limit for `batch.num.messages`).
 pub const MAX_BATCH_SIZE: usize = 1_000_000;
 
+/// librdkafka's default `message.max.bytes`.
+const LIBRDKAFKA_MESSAGE_MAX_BYTES: usize = 1_000_000;
+
 /// What the string shown instead of a secret looks like.
 pub(crate) const REDACTED: &str = "***";
 
@@ -500,6 +503,15 @@ impl BrokerConfig {
     /// Partitions of created topics (-1: the broker's default).
     pub fn get_topic_partitions(&self) -> i32 {
         self.topic_partitions
+    }
+
+    /// The largest message the producer sends, in bytes: `message.max.bytes`
+    /// when set, else librdkafka's default (1,000,000).
+    pub fn max_message_bytes(&self) -> usize {
+        self.props
+            .get("message.max.bytes")
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(LIBRDKAFKA_MESSAGE_MAX_BYTES)
     }
 
     /// The transactional id, in exactly-once mode.

@@ -690,3 +690,52 @@ async fn the_broker_refuses_an_internal_topic_for_good() {
     assert!(e.message.contains("\"__transaction_state\""), "{e}");
     assert!(started.elapsed() < Duration::from_secs(5), "{e}");
 }
+
+/// A message over the size limit because of a 3 MB header is dead-lettered
+/// with its real size (payload, key and headers) and the limit, not the size
+/// of its payload alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_too_large_for_its_headers_is_dead_lettered_with_its_real_size() {
+    let db = TestDb::new().await;
+    let topic = unique_topic("relay-big-header");
+    create_topic(&topic, 1).await;
+    outbox::migrate(&db.pool, &outbox::Tables::default())
+        .await
+        .unwrap();
+    outbox::Message::json("big.header", &1)
+        .unwrap()
+        .key("k")
+        .header("big", "x".repeat(3_000_000))
+        .publish(&db.pool)
+        .await
+        .unwrap();
+    let map = format!("big.header:{topic}");
+    let mut relay = Running::start(&[
+        ("DATABASE_URL", &db.url),
+        ("KAFKA_BROKERS", &kafka_brokers()),
+        ("TOPIC_MAP", &map),
+        ("METRICS_ADDR", "off"),
+    ]);
+    let dead = dead_letter(&db, "big.header", Duration::from_secs(30)).await;
+    relay.terminate(Duration::from_secs(10));
+    let (reason, error) = dead.unwrap_or_else(|| {
+        panic!(
+            "not dead-lettered within 30 s; the relay's log:\n{}",
+            relay.log()
+        )
+    });
+    let numbers: Vec<u64> = error
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    assert!(
+        numbers.iter().any(|n| (3_000_000..3_100_000).contains(n)),
+        "the real size is missing: {reason}: {error}"
+    );
+    assert!(
+        numbers.contains(&1_000_000),
+        "the limit is missing: {reason}: {error}"
+    );
+    assert!(error.contains("header"), "{reason}: {error}");
+    db.drop_db().await;
+}
