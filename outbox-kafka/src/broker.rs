@@ -1,6 +1,6 @@
 //! The Kafka sink: a librdkafka producer that sends a whole claimed batch at once.
 
-use crate::config::{human, BrokerConfig};
+use crate::config::{client_error_text, human, BrokerConfig};
 use crate::error::Error;
 use crate::topic;
 use futures::future::BoxFuture;
@@ -783,7 +783,7 @@ fn create_producer(config: &BrokerConfig) -> Result<Producer_, Error> {
     client
         .set_log_level(RDKafkaLogLevel::Warning)
         .create_with_context(LogContext::default())
-        .map_err(|e| Error::Client(config.redact(&e.to_string())))
+        .map_err(|e| Error::Client(config.redact(&client_error_text(&e))))
 }
 
 fn outbox_id(msg: &Outgoing) -> String {

@@ -38,6 +38,7 @@
 mod broker;
 mod config;
 mod error;
+mod properties;
 pub mod relay;
 mod topic;
 

@@ -593,11 +593,9 @@ async fn metrics_endpoint(
     // A client of its own for the readiness check: cluster metadata within 2 s.
     let mut client = config.broker.client_config();
     client.remove("transactional.id");
-    let probe: Arc<rdkafka::producer::BaseProducer> = Arc::new(
-        client
-            .create()
-            .map_err(|e| crate::Error::Client(config.broker.redact(&e.to_string())))?,
-    );
+    let probe: Arc<rdkafka::producer::BaseProducer> = Arc::new(client.create().map_err(|e| {
+        crate::Error::Client(config.broker.redact(&crate::config::client_error_text(&e)))
+    })?);
     let endpoint = outbox::metrics::Endpoint::new(setting.addr)
         .best_effort(!setting.required)
         .sample_interval(config.metrics_sample_interval)

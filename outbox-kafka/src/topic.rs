@@ -1,7 +1,7 @@
 //! Topic creation through the Kafka admin API.
 
 use crate::broker::LogContext;
-use crate::config::BrokerConfig;
+use crate::config::{client_error_text, BrokerConfig};
 use crate::error::Error;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::config::RDKafkaLogLevel;
@@ -61,7 +61,7 @@ impl Admin {
             .admin_config()
             .set_log_level(RDKafkaLogLevel::Warning)
             .create_with_context(LogContext::default())
-            .map_err(|e| Error::Client(config.redact(&e.to_string())))?;
+            .map_err(|e| Error::Client(config.redact(&client_error_text(&e))))?;
         Ok(Self {
             client: Arc::new(client),
             timeout: config.get_write_timeout(),

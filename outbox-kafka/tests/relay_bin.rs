@@ -739,3 +739,53 @@ async fn a_message_too_large_for_its_headers_is_dead_lettered_with_its_real_size
     assert!(error.contains("header"), "{reason}: {error}");
     db.drop_db().await;
 }
+
+/// A misspelled librdkafka key is named (with the key meant) and refused with
+/// status 2, and no property's value is echoed: neither the secret of the
+/// misspelled key nor a bad value of another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misspelled_property_is_named_without_its_value() {
+    // A database of its own: were the setting accepted, the relay would find
+    // no outbox table there and stop, rather than relay someone's rows.
+    let test_db = TestDb::new().await;
+    let db = test_db.url.clone();
+    let brokers = kafka_brokers();
+    let run = |vars: Vec<(&'static str, String)>| {
+        tokio::task::spawn_blocking(move || {
+            let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            relay(&vars, &[])
+        })
+    };
+    let out = run(vec![
+        ("DATABASE_URL", db.clone()),
+        ("KAFKA_BROKERS", brokers.clone()),
+        ("METRICS_ADDR", "off".into()),
+        ("KAFKA_PROP_SASL_PASWORD", "hunter2-typo-s3cret".into()),
+    ])
+    .await
+    .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("KAFKA_PROP_SASL_PASWORD"), "{err}");
+    assert!(err.contains("\"sasl.pasword\""), "{err}");
+    assert!(err.contains("\"sasl.password\""), "no suggestion: {err}");
+    assert!(!err.contains("hunter2"), "the value leaked: {err}");
+
+    let out = run(vec![
+        ("DATABASE_URL", db),
+        ("KAFKA_BROKERS", brokers),
+        ("METRICS_ADDR", "off".into()),
+        ("KAFKA_PROP_SOCKET_TIMEOUT_MS", "not-a-number-s3cret".into()),
+    ])
+    .await
+    .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("KAFKA_PROP_SOCKET_TIMEOUT_MS"), "{err}");
+    assert!(err.contains("\"socket.timeout.ms\""), "{err}");
+    assert!(
+        !err.contains("not-a-number-s3cret"),
+        "the value leaked: {err}"
+    );
+    test_db.drop_db().await;
+}
