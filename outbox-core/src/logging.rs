@@ -123,9 +123,35 @@ where
     done.map_err(|e| Error::invalid(format!("cannot install the log subscriber: {e}")))
 }
 
-/// `url` with its password replaced by `***`, for messages and logs: the
-/// password of the user-info part and any `password` / `sslpassword` query
-/// parameter.
+/// What a hidden secret looks like in messages and logs.
+const REDACTED: &str = "***";
+
+/// Whether a URL query parameter named `name` holds a secret: `password`,
+/// `sslpassword`, and any name containing `password`, `passwd`, `secret` or
+/// `token` (any case).
+///
+/// ```
+/// assert!(outbox::logging::is_secret_name("sslpassword"));
+/// assert!(!outbox::logging::is_secret_name("sslmode"));
+/// ```
+pub fn is_secret_name(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["password", "passwd", "secret", "token"]
+        .iter()
+        .any(|s| name.contains(s))
+        || name == "pass"
+        || name == "pwd"
+}
+
+/// `url` with its secrets replaced by `***`, for messages and logs: the
+/// password of the user-info part and the value of every query parameter whose
+/// name looks secret ([`is_secret_name`]: `password`, `sslpassword`, ...).
+///
+/// Built on the `url` crate, which sqlx parses connection URLs with, so a
+/// password holding a percent-encoded or a raw `@` is cut where the driver cuts
+/// it. A URL it cannot parse (several hosts, a raw `/`, `?` or `#` in a
+/// password) loses everything between the first `:` after the scheme and the
+/// last `@`.
 ///
 /// ```
 /// use outbox::logging::redact_url;
@@ -133,70 +159,101 @@ where
 ///     redact_url("postgres://app:s3cret@db:5432/app?sslmode=require"),
 ///     "postgres://app:***@db:5432/app?sslmode=require"
 /// );
+/// assert_eq!(redact_url("postgres://u:p%40ss@word@db/app"), "postgres://u:***@db/app");
 /// assert_eq!(redact_url("postgres://db/app?password=s3cret"), "postgres://db/app?password=***");
 /// ```
 pub fn redact_url(url: &str) -> String {
-    let (base, query) = match url.find('?') {
-        Some(i) => (&url[..i], Some(&url[i + 1..])),
-        None => (url, None),
-    };
-    let mut out = match (base.find("://"), base.rfind('@')) {
-        (Some(scheme_end), Some(at)) if at > scheme_end => {
-            let userinfo = &base[scheme_end + 3..at];
-            match userinfo.find(':') {
-                Some(colon) => format!(
-                    "{}{}:***{}",
-                    &base[..scheme_end + 3],
-                    &userinfo[..colon],
-                    &base[at..]
-                ),
-                None => base.to_owned(),
+    redaction(url).0
+}
+
+/// The secrets [`redact_url`] hides (as written and percent-decoded), to
+/// scrub them from error messages that may quote them.
+///
+/// ```
+/// let secrets = outbox::logging::url_secrets("postgres://u:p%40ss@db/app?sslpassword=k3y");
+/// assert!(secrets.contains(&"p@ss".to_owned()) && secrets.contains(&"k3y".to_owned()));
+/// ```
+pub fn url_secrets(url: &str) -> Vec<String> {
+    redaction(url).1
+}
+
+/// The redacted URL and the secrets it hid.
+fn redaction(url: &str) -> (String, Vec<String>) {
+    let mut secrets = Vec::new();
+    let redacted = match url::Url::parse(url) {
+        // An '@' after the authority means the parser cut the user-info short
+        // (a raw '/', '?' or '#' in the password): what follows may be secret.
+        Ok(mut parsed) if !parsed[url::Position::BeforePath..].contains('@') => {
+            if let Some(password) = parsed.password().map(str::to_owned) {
+                secrets.push(decode(&password));
+                secrets.push(password);
+                let _ = parsed.set_password(Some(REDACTED));
             }
+            if let Some(query) = parsed.query().map(str::to_owned) {
+                let query = redact_query(&query, &mut secrets);
+                parsed.set_query(Some(&query));
+            }
+            parsed.to_string()
         }
-        _ => base.to_owned(),
+        _ => redact_unparsed(url, &mut secrets),
     };
-    if let Some(q) = query {
-        let params: Vec<String> = q
-            .split('&')
-            .map(|kv| match kv.split_once('=') {
-                Some((k, _))
-                    if k.eq_ignore_ascii_case("password")
-                        || k.eq_ignore_ascii_case("sslpassword") =>
-                {
-                    format!("{k}=***")
+    secrets.retain(|s| !s.is_empty());
+    secrets.sort();
+    secrets.dedup();
+    (redacted, secrets)
+}
+
+/// `a=1&password=x` -> `a=1&password=***`.
+fn redact_query(query: &str, secrets: &mut Vec<String>) -> String {
+    query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((name, value)) if is_secret_name(&decode(name)) => {
+                secrets.push(decode(value));
+                secrets.push(value.to_owned());
+                format!("{name}={REDACTED}")
+            }
+            _ => pair.to_owned(),
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// The conservative redaction of a URL the `url` crate refuses.
+fn redact_unparsed(url: &str, secrets: &mut Vec<String>) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let (head, rest) = url.split_at(start);
+    let (mut out, tail) = match rest.rfind('@') {
+        Some(at) => {
+            let userinfo = &rest[..at];
+            let out = match userinfo.find([':', '?']) {
+                Some(cut) => {
+                    secrets.push(userinfo[cut + 1..].to_owned());
+                    secrets.push(decode(&userinfo[cut + 1..]));
+                    format!("{head}{}{REDACTED}@", &userinfo[..=cut])
                 }
-                _ => kv.to_owned(),
-            })
-            .collect();
-        out.push('?');
-        out.push_str(&params.join("&"));
+                None => format!("{head}{userinfo}@"),
+            };
+            (out, &rest[at + 1..])
+        }
+        None => (head.to_owned(), rest),
+    };
+    match tail.split_once('?') {
+        Some((base, query)) => {
+            out.push_str(base);
+            out.push('?');
+            out.push_str(&redact_query(query, secrets));
+        }
+        None => out.push_str(tail),
     }
     out
 }
 
-/// The secrets [`redact_url`] hides, to scrub them from error messages too.
-#[cfg_attr(not(feature = "cli"), allow(dead_code))]
-pub(crate) fn url_secrets(url: &str) -> Vec<String> {
-    let mut secrets = Vec::new();
-    let base = url.split('?').next().unwrap_or(url);
-    if let (Some(scheme_end), Some(at)) = (base.find("://"), base.rfind('@')) {
-        if at > scheme_end {
-            if let Some((_, pw)) = base[scheme_end + 3..at].split_once(':') {
-                secrets.push(pw.to_owned());
-            }
-        }
-    }
-    if let Some((_, q)) = url.split_once('?') {
-        for kv in q.split('&') {
-            if let Some((k, v)) = kv.split_once('=') {
-                if k.eq_ignore_ascii_case("password") || k.eq_ignore_ascii_case("sslpassword") {
-                    secrets.push(v.to_owned());
-                }
-            }
-        }
-    }
-    secrets.retain(|s| !s.is_empty());
-    secrets
+/// Percent-decoding (`+` stays a `+`).
+fn decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// A duration for people: `250ms`, `4s`, `4.5s`, `2m30s`, `1h5m`, `3d4h`.
@@ -266,8 +323,43 @@ mod tests {
         }
         assert_eq!(
             url_secrets("postgres://u:p@ss@h/db?password=q"),
-            ["p@ss", "q"]
+            ["p%40ss", "p@ss", "q"]
         );
+    }
+
+    #[test]
+    fn passwords_holding_at_signs_and_secret_parameters_are_hidden() {
+        for (url, want) in [
+            // A raw '@' in the password: cut at the last '@', as sqlx does.
+            (
+                "postgres://u:p%40ss@word@h:5432/db",
+                "postgres://u:***@h:5432/db",
+            ),
+            (
+                "postgres://u@h/db?sslmode=disable&password=a&sslpassword=b&x=1",
+                "postgres://u@h/db?sslmode=disable&password=***&sslpassword=***&x=1",
+            ),
+            (
+                "postgres://h/db?pass%77ord=s",
+                "postgres://h/db?pass%77ord=***",
+            ),
+            // Not parseable: hidden from the first ':' to the last '@'.
+            ("postgres://u:pa/ss@h/db", "postgres://u:***@h/db"),
+            ("postgres://u:12/ss@h/db", "postgres://u:***@h/db"),
+            (
+                "postgres://u:p@h1:5432,h2:5432/db",
+                "postgres://u:***@h1:5432,h2:5432/db",
+            ),
+            (
+                "kafka://u:p@ss@k1:9092,k2:9092",
+                "kafka://u:***@k1:9092,k2:9092",
+            ),
+        ] {
+            assert_eq!(redact_url(url), want, "{url}");
+        }
+        let secrets = url_secrets("postgres://u:p%40ss@word@h/db?sslpassword=k3y");
+        assert!(secrets.contains(&"p@ss@word".to_owned()), "{secrets:?}");
+        assert!(secrets.contains(&"k3y".to_owned()), "{secrets:?}");
     }
 
     #[test]

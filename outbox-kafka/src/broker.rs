@@ -1,6 +1,6 @@
 //! The Kafka sink: a librdkafka producer that sends a whole claimed batch at once.
 
-use crate::config::{human, BrokerConfig};
+use crate::config::{client_error_text, human, BrokerConfig};
 use crate::error::Error;
 use crate::topic;
 use futures::future::BoxFuture;
@@ -276,8 +276,24 @@ impl Broker {
     async fn send_batch(&self, batch: Vec<Outgoing>) -> Vec<Result<(), SinkError>> {
         let inner = &*self.inner;
         let mut results: Vec<Option<Result<(), SinkError>>> = vec![None; batch.len()];
+        // A topic Kafka would refuse is refused here, for good: librdkafka
+        // would only let the message time out, and its row be retried.
+        for (i, msg) in batch.iter().enumerate() {
+            if let Err(why) = topic::check_topic_name(&msg.topic) {
+                results[i] = Some(Err(SinkError::permanent(format!(
+                    "kafka cannot take a message for topic {:?}: {why}",
+                    msg.topic
+                ))));
+            }
+        }
         if inner.admin.is_some() {
-            let failed = self.create_missing_topics(&batch).await;
+            let wanted: Vec<&str> = batch
+                .iter()
+                .zip(&results)
+                .filter(|(_, r)| r.is_none())
+                .map(|(m, _)| m.topic.as_str())
+                .collect();
+            let failed = self.create_missing_topics(&wanted).await;
             if !failed.is_empty() {
                 for (i, msg) in batch.iter().enumerate() {
                     if let Some(e) = failed.get(&msg.topic) {
@@ -449,16 +465,32 @@ impl Broker {
                 RDKafkaErrorCode::MessageSizeTooLarge
                 | RDKafkaErrorCode::MessageBatchTooLarge
                 | RDKafkaErrorCode::InvalidMessageSize,
-            ) => SinkError::permanent(format!(
-                "kafka refused the message for topic {topic:?} as too large ({} bytes of payload; \
-                 see message.max.bytes of the producer and the broker, max.message.bytes of the topic): {detail}",
-                msg.payload.len()
-            )),
+            ) => {
+                let key = msg.key.as_ref().map_or(0, Vec::len);
+                let headers: usize = msg.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+                let total = msg.payload.len() + key + headers;
+                SinkError::permanent(format!(
+                    "kafka refused the message for topic {topic:?} as too large: {total} bytes \
+                     (payload {}, key {key}, headers {headers}); the limit is {} bytes in the \
+                     producer (message.max.bytes) and may be lower in the broker \
+                     (message.max.bytes) or the topic (max.message.bytes): {detail}",
+                    msg.payload.len(),
+                    config.max_message_bytes()
+                ))
+            }
             Some(RDKafkaErrorCode::InvalidRecord | RDKafkaErrorCode::InvalidMessage) => {
                 SinkError::permanent(format!(
                     "kafka refused the message for topic {topic:?} as invalid: {detail}"
                 ))
             }
+            Some(RDKafkaErrorCode::InvalidTopic) => SinkError::permanent(format!(
+                "kafka refused topic {topic:?} as invalid (an internal topic, or a name it does not \
+                 accept); map the queue to a topic of your own: {detail}"
+            )),
+            Some(RDKafkaErrorCode::TopicAuthorizationFailed) => SinkError::permanent(format!(
+                "kafka refused access to topic {topic:?} (topic authorization failed): grant the \
+                 producer's principal WRITE on it, then replay the dead letters: {detail}"
+            )),
             Some(RDKafkaErrorCode::UnknownTopic | RDKafkaErrorCode::UnknownTopicOrPartition) => {
                 SinkError::transient(format!(
                     "kafka topic {topic:?} does not exist and topics are not created automatically \
@@ -476,18 +508,18 @@ impl Broker {
         }
     }
 
-    /// Creates the batch's topics that are not known to exist; returns the
-    /// topics that could not be created.
-    async fn create_missing_topics(&self, batch: &[Outgoing]) -> HashMap<String, SinkError> {
+    /// Creates the topics that are not known to exist; returns the topics
+    /// that could not be created.
+    async fn create_missing_topics(&self, topics: &[&str]) -> HashMap<String, SinkError> {
         let Some(admin) = &self.inner.admin else {
             return HashMap::new();
         };
         let missing: Vec<String> = {
             let known = self.inner.known_topics.lock().expect("known topics lock");
             let mut seen = HashSet::new();
-            batch
+            topics
                 .iter()
-                .map(|m| m.topic.as_str())
+                .copied()
                 .filter(|t| !known.contains(*t) && seen.insert(*t))
                 .map(str::to_owned)
                 .collect()
@@ -534,13 +566,14 @@ impl Broker {
                 .collect()
         };
         if results.iter().any(|r| r.is_some()) {
-            // A topic could not be created: the batch cannot be complete.
+            // A topic was refused or could not be created: the batch cannot
+            // be complete.
             return results
                 .into_iter()
                 .map(|r| match r {
                     Some(Err(e)) => Err(e),
                     _ => Err(SinkError::transient(
-                        "kafka transaction not attempted: a topic of the batch could not be created",
+                        "kafka transaction not attempted: a topic of the batch was refused or could not be created",
                     )),
                 })
                 .collect();
@@ -750,7 +783,7 @@ fn create_producer(config: &BrokerConfig) -> Result<Producer_, Error> {
     client
         .set_log_level(RDKafkaLogLevel::Warning)
         .create_with_context(LogContext::default())
-        .map_err(|e| Error::Client(config.redact(&e.to_string())))
+        .map_err(|e| Error::Client(config.redact(&client_error_text(&e))))
 }
 
 fn outbox_id(msg: &Outgoing) -> String {
@@ -764,6 +797,57 @@ fn outbox_id(msg: &Outgoing) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn outgoing(topic: &str) -> Outgoing {
+        Outgoing {
+            sink: "kafka".into(),
+            topic: topic.into(),
+            key: Some(b"key".to_vec()),
+            payload: b"payload".to_vec(),
+            headers: vec![("h".into(), vec![b'x'; 100])],
+        }
+    }
+
+    #[test]
+    fn invalid_topics_and_refused_access_are_permanent_and_name_the_topic() {
+        // Nothing is contacted until a send.
+        let broker = Broker::new(BrokerConfig::default()).unwrap();
+        for code in [
+            RDKafkaErrorCode::InvalidTopic,
+            RDKafkaErrorCode::TopicAuthorizationFailed,
+        ] {
+            let e = broker.sink_error(&KafkaError::MessageProduction(code), &outgoing("t.x"));
+            assert!(e.permanent, "{code:?}: {e}");
+            assert!(e.message.contains("topic \"t.x\""), "{code:?}: {e}");
+        }
+        let e = broker.sink_error(
+            &KafkaError::MessageProduction(RDKafkaErrorCode::UnknownTopicOrPartition),
+            &outgoing("t.x"),
+        );
+        assert!(!e.permanent, "a missing topic may be created: {e}");
+    }
+
+    #[test]
+    fn a_message_too_large_is_reported_with_its_whole_size_and_the_limit() {
+        let broker = Broker::new(BrokerConfig::default()).unwrap();
+        let e = broker.sink_error(
+            &KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+            &outgoing("t.x"),
+        );
+        assert!(e.permanent, "{e}");
+        // payload 7 + key 3 + headers 1 + 100.
+        assert!(
+            e.message
+                .contains("111 bytes (payload 7, key 3, headers 101); the limit is 1000000 bytes"),
+            "{e}"
+        );
+        let broker = Broker::new(BrokerConfig::default().set("message.max.bytes", "5000")).unwrap();
+        let e = broker.sink_error(
+            &KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge),
+            &outgoing("t.x"),
+        );
+        assert!(e.message.contains("the limit is 5000 bytes"), "{e}");
+    }
 
     #[test]
     fn repeated_librdkafka_messages_are_logged_once_per_window_with_a_count() {

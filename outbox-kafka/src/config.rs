@@ -16,6 +16,8 @@
 //! ```
 
 use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaConfRes;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
@@ -30,6 +32,9 @@ pub const MAX_WRITE_TIMEOUT: Duration = Duration::from_secs(3600);
 pub const MAX_LINGER: Duration = Duration::from_secs(900);
 /// The largest batch size accepted (librdkafka's limit for `batch.num.messages`).
 pub const MAX_BATCH_SIZE: usize = 1_000_000;
+
+/// librdkafka's default `message.max.bytes`.
+const LIBRDKAFKA_MESSAGE_MAX_BYTES: usize = 1_000_000;
 
 /// What the string shown instead of a secret looks like.
 pub(crate) const REDACTED: &str = "***";
@@ -502,6 +507,15 @@ impl BrokerConfig {
         self.topic_partitions
     }
 
+    /// The largest message the producer sends, in bytes: `message.max.bytes`
+    /// when set, else librdkafka's default (1,000,000).
+    pub fn max_message_bytes(&self) -> usize {
+        self.props
+            .get("message.max.bytes")
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(LIBRDKAFKA_MESSAGE_MAX_BYTES)
+    }
+
     /// The transactional id, in exactly-once mode.
     pub fn transactional_id(&self) -> Option<&str> {
         self.transactional_id.as_deref()
@@ -608,12 +622,21 @@ impl BrokerConfig {
                 ));
             }
         }
-        for key in self.props.keys() {
+        for (key, value) in &self.props {
             if key.trim().is_empty() || key.contains(char::is_whitespace) {
                 return Err(ConfigError::invalid(
                     "librdkafka property",
                     format!("{key:?} is not a configuration key (accepted: keys such as security.protocol)"),
                 ));
+            }
+            // librdkafka's own check of the key and its value, without making
+            // a client: a typo fails here, naming its setting.
+            if let Err(e) = ClientConfig::new().set(key, value).create_native_config() {
+                let setting = match self.names {
+                    Names::Env => prop_var(key),
+                    Names::Builder => format!("librdkafka property {key:?}"),
+                };
+                return Err(ConfigError::invalid(&setting, client_error_text(&e)));
             }
         }
         Ok(())
@@ -847,6 +870,89 @@ const PRODUCER_ONLY_KEYS: &[&str] = &[
     "max.in.flight",
 ];
 
+/// A librdkafka error for messages: a refused setting is described by its
+/// key, never its value (a misspelled secret key is not recognised as secret,
+/// so no value is shown at all).
+pub(crate) fn client_error_text(e: &KafkaError) -> String {
+    let KafkaError::ClientConfig(result, description, key, value) = e else {
+        return e.to_string();
+    };
+    if *result == RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN {
+        let meant = match closest_key(key) {
+            Some(k) => format!("did you mean {k:?}? "),
+            None => String::new(),
+        };
+        return format!(
+            "no such librdkafka property {key:?} ({meant}accepted: the keys of librdkafka's CONFIGURATION.md)"
+        );
+    }
+    // librdkafka quotes a value ("...") or sets it between words (value 5
+    // is outside ...); a long value is hidden wherever it appears.
+    let mut text = description.trim().to_owned();
+    if !value.is_empty() {
+        text = text
+            .replace(&format!("\"{value}\""), &format!("\"{REDACTED}\""))
+            .replace(&format!(" {value} "), &format!(" {REDACTED} "));
+        if let Some(start) = text.strip_suffix(&format!(" {value}")) {
+            text = format!("{start} {REDACTED}");
+        }
+        if value.len() >= 8 {
+            text = text.replace(value.as_str(), REDACTED);
+        }
+    }
+    let mut chars = text.chars();
+    let text = match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => format!("librdkafka refused property {key:?}"),
+    };
+    if text.contains(key.as_str()) {
+        format!("{text} (the value is not shown)")
+    } else {
+        format!("property {key:?}: {text} (the value is not shown)")
+    }
+}
+
+/// The known librdkafka key nearest to `key`, when one is near enough to be
+/// a typo of it.
+fn closest_key(key: &str) -> Option<&'static str> {
+    let key = key.to_ascii_lowercase();
+    crate::properties::LIBRDKAFKA_KEYS
+        .iter()
+        .map(|k| (edit_distance(&key, k), *k))
+        .filter(|(d, k)| *d <= 3 && *d * 4 <= k.len())
+        .min()
+        .map(|(_, k)| k)
+}
+
+/// Levenshtein distance (in bytes; keys are ASCII).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let next = (diagonal + usize::from(ca != cb))
+                .min(row[j] + 1)
+                .min(row[j + 1] + 1);
+            diagonal = row[j + 1];
+            row[j + 1] = next;
+        }
+    }
+    row[b.len()]
+}
+
+/// `sasl.password` -> `KAFKA_PROP_SASL_PASSWORD`: the variable that sets a
+/// key (the inverse of [`prop_key`]).
+fn prop_var(key: &str) -> String {
+    let suffix: String = key
+        .split('_')
+        .map(|part| part.replace('.', "_"))
+        .collect::<Vec<_>>()
+        .join("__");
+    format!("{PROP_PREFIX}{}", suffix.to_ascii_uppercase())
+}
+
 /// Prefix of the variables that pass librdkafka keys through.
 pub const PROP_PREFIX: &str = "KAFKA_PROP_";
 
@@ -923,7 +1029,7 @@ fn parse_servers(var: &str, value: &str) -> Result<ParsedServers, ConfigError> {
                 var,
                 format!(
                     "{:?} has a path or query; accepted: host:port entries separated by commas",
-                    redact_userinfo(entry)
+                    outbox::logging::redact_url(entry)
                 ),
             ));
         }
@@ -1008,18 +1114,6 @@ fn percent_decode(s: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
-}
-
-/// `scheme://user:pass@host` -> `scheme://user:***@host` (for messages).
-pub fn redact_userinfo(url: &str) -> String {
-    let start = url.find("://").map_or(0, |i| i + 3);
-    let Some(at) = url[start..].find('@').map(|i| i + start) else {
-        return url.to_owned();
-    };
-    match url[start..at].find(':') {
-        Some(colon) => format!("{}:{REDACTED}{}", &url[..start + colon], &url[at..]),
-        None => url.to_owned(),
-    }
 }
 
 /// Parses `true/false/1/0/yes/no/on/off`.
@@ -1254,6 +1348,38 @@ mod tests {
     }
 
     #[test]
+    fn refused_properties_are_named_without_their_values() {
+        let e = err(&[("KAFKA_PROP_SASL_PASWORD", "hunter2")]);
+        assert_eq!(
+            e,
+            "KAFKA_PROP_SASL_PASWORD: no such librdkafka property \"sasl.pasword\" (did you mean \
+             \"sasl.password\"? accepted: the keys of librdkafka's CONFIGURATION.md)"
+        );
+        let e = err(&[("KAFKA_PROP_SOCKET_TIMEOUT_MS", "soon-ish")]);
+        assert!(e.starts_with("KAFKA_PROP_SOCKET_TIMEOUT_MS: "), "{e}");
+        assert!(e.contains("\"socket.timeout.ms\""), "{e}");
+        assert!(!e.contains("soon-ish"), "{e}");
+        let e = err(&[("KAFKA_PROP_SOCKET_TIMEOUT_MS", "1")]);
+        assert!(!e.contains(" 1 ") && !e.contains("\"1\""), "{e}");
+        let e = err(&[("KAFKA_PROP_NOTHING__LIKE_IT", "x")]);
+        assert!(e.starts_with("KAFKA_PROP_NOTHING__LIKE_IT: no such librdkafka property \"nothing_like.it\" (accepted"), "{e}");
+        let e = BrokerConfig::default()
+            .set("ssl.key.pasword", "pw-three")
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("librdkafka property \"ssl.key.pasword\": "),
+            "{e}"
+        );
+        assert!(e.contains("\"ssl.key.password\""), "{e}");
+        assert!(!e.contains("pw-three"), "{e}");
+        assert_eq!(prop_var("sasl.password"), "KAFKA_PROP_SASL_PASSWORD");
+        assert_eq!(prop_var("a_b.c"), "KAFKA_PROP_A__B_C");
+        assert_eq!(prop_key("A__B_C"), "a_b.c");
+    }
+
+    #[test]
     fn credentials_are_redacted() {
         let c = from(&[("PUBLISHER_URL", "kafka://alice:s3cr%40t@h1:9092,h2:9092")]).unwrap();
         assert_eq!(c.bootstrap_servers(), "h1:9092,h2:9092");
@@ -1282,6 +1408,7 @@ mod tests {
         assert!(!e.contains("topsecret"), "{e}");
         let e = err(&[("PUBLISHER_URL", "kafka://bob:topsecret@h:1/p")]);
         assert!(!e.contains("topsecret"), "{e}");
-        assert_eq!(redact_userinfo("kafka://u:p@h:1"), "kafka://u:***@h:1");
+        let e = err(&[("PUBLISHER_URL", "kafka://bob:top@secret@h:1/p?password=q")]);
+        assert!(!e.contains("secret") && !e.contains("=q"), "{e}");
     }
 }

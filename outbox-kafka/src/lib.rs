@@ -38,17 +38,18 @@
 mod broker;
 mod config;
 mod error;
+mod properties;
 pub mod relay;
 mod topic;
 
 pub use broker::{Broker, LogContext};
 pub use config::{
-    is_secret_key, parse_bool, parse_duration, parse_number, prop_key, redact_userinfo, Acks,
-    BrokerConfig, Compression, ConfigError, DEFAULT_SERVERS, DEFAULT_WRITE_TIMEOUT, MAX_BATCH_SIZE,
-    MAX_LINGER, MAX_WRITE_TIMEOUT, PROP_PREFIX,
+    is_secret_key, parse_bool, parse_duration, parse_number, prop_key, Acks, BrokerConfig,
+    Compression, ConfigError, DEFAULT_SERVERS, DEFAULT_WRITE_TIMEOUT, MAX_BATCH_SIZE, MAX_LINGER,
+    MAX_WRITE_TIMEOUT, PROP_PREFIX,
 };
 pub use error::Error;
-pub use topic::ensure_topic;
+pub use topic::{check_topic_name, ensure_topic, MAX_TOPIC_LEN};
 
 /// Sends a handler's return value to a Kafka topic; stack it on
 /// `#[outbox::subscriber]`, in either order:

@@ -12,14 +12,16 @@
 //! # Ok(()) }
 //! ```
 
-use crate::config::{
-    parse_bool, parse_duration, parse_number, redact_userinfo, BrokerConfig, ConfigError,
-};
+use crate::config::{human, parse_bool, parse_duration, parse_number, BrokerConfig, ConfigError};
+use crate::topic::{check_topic_name, topic_char};
 use crate::Broker;
+use outbox::logging::{is_secret_name, redact_url, url_secrets};
 use outbox::{Envelope, ExponentialRetry, HandlerError, Output, Subscriber, TableName, Tables};
-use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::Connection;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,8 +33,7 @@ pub const DEFAULT_RELAY_BATCH_SIZE: usize = 500;
 pub const DEFAULT_RELAY_CONCURRENCY: usize = 500;
 /// Default of `RELAY_WORKERS`.
 pub const DEFAULT_RELAY_WORKERS: usize = 2;
-/// Longest topic name Kafka accepts.
-pub const MAX_TOPIC_LEN: usize = 249;
+pub use crate::topic::MAX_TOPIC_LEN;
 
 /// Where the relay serves `/metrics`, `/healthz` and `/readyz` unless
 /// `METRICS_ADDR` says otherwise.
@@ -111,7 +112,7 @@ impl TopicMap {
                     format!("{entry:?} has an empty queue (accepted: queue1:topic1,queue2:topic2)"),
                 ));
             }
-            check_topic(topic).map_err(|m| ConfigError::invalid("TOPIC_MAP", m))?;
+            check_topic_name(topic).map_err(|m| ConfigError::invalid("TOPIC_MAP", m))?;
             if out.insert(queue.to_owned(), topic.to_owned()).is_some() {
                 return Err(ConfigError::invalid(
                     "TOPIC_MAP",
@@ -125,6 +126,15 @@ impl TopicMap {
                 "TOPIC_PREFIX",
                 format!(
                     "character {c:?} is not allowed in a topic name (accepted: ASCII letters, digits, '.', '_', '-')"
+                ),
+            ));
+        }
+        if prefix.starts_with("__") {
+            return Err(ConfigError::invalid(
+                "TOPIC_PREFIX",
+                format!(
+                    "{prefix:?} would name topics internal to Kafka (names starting with \"__\" \
+                     are kept for Kafka itself; accepted: a prefix not starting with \"__\")"
                 ),
             ));
         }
@@ -146,31 +156,13 @@ impl TopicMap {
             Some(t) => return Ok(t.clone()),
             None => format!("{}{queue}", self.prefix),
         };
-        check_topic(&topic).map_err(|m| {
+        check_topic_name(&topic).map_err(|m| {
             format!(
                 "queue {queue:?} has no valid Kafka topic: {m}; map it with TOPIC_MAP=queue:topic"
             )
         })?;
         Ok(topic)
     }
-}
-
-fn topic_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
-}
-
-fn check_topic(topic: &str) -> Result<(), String> {
-    if topic.is_empty() || topic.len() > MAX_TOPIC_LEN || topic == "." || topic == ".." {
-        return Err(format!(
-            "topic {topic:?} is not 1 to {MAX_TOPIC_LEN} characters (other than . and ..)"
-        ));
-    }
-    if let Some(c) = topic.chars().find(|c| !topic_char(*c)) {
-        return Err(format!(
-            "topic {topic:?}: character {c:?} is not allowed (accepted: ASCII letters, digits, '.', '_', '-')"
-        ));
-    }
-    Ok(())
 }
 
 /// Log output of the binary.
@@ -498,11 +490,86 @@ fn check_database_url(url: &str) -> Result<(), ConfigError> {
             "DATABASE_URL",
             format!(
                 "{:?} is not a PostgreSQL URL (accepted: postgres://user:password@host:port/database)",
-                redact_userinfo(url)
+                redact_url(url)
             ),
         ));
     }
-    Ok(())
+    connect_options(url).map(|_| ())
+}
+
+/// Query parameters of a connection URL that sqlx's PostgreSQL driver reads.
+/// It logs any other one with its value.
+const DRIVER_URL_PARAMS: &[&str] = &[
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// The driver's options for `DATABASE_URL`, and the names of the query
+/// parameters left out of them: those the driver does not read and that look
+/// secret (`sslpassword`, ...), since the driver would only log them, value
+/// included. A URL the driver refuses (a bad port, an unknown `sslmode`, ...)
+/// is an invalid setting: retrying the connection could never help.
+fn connect_options(url: &str) -> Result<(PgConnectOptions, Vec<String>), ConfigError> {
+    let invalid = |e: String| {
+        ConfigError::invalid(
+            "DATABASE_URL",
+            format!(
+                "{:?} is not a valid PostgreSQL URL: {} (accepted: \
+                 postgres://user:password@host:port/database?param=value)",
+                redact_url(url),
+                scrub(&e, url)
+            ),
+        )
+    };
+    let mut parsed = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
+    let mut left_out = Vec::new();
+    if parsed.query().is_some() {
+        type Pairs = Vec<(String, String)>;
+        let (kept, dropped): (Pairs, Pairs) =
+            parsed.query_pairs().into_owned().partition(|(name, _)| {
+                DRIVER_URL_PARAMS.contains(&name.as_str())
+                    || name.starts_with("options[")
+                    || !is_secret_name(name)
+            });
+        if !dropped.is_empty() {
+            left_out = dropped.into_iter().map(|(name, _)| name).collect();
+            if kept.is_empty() {
+                parsed.set_query(None);
+            } else {
+                parsed.query_pairs_mut().clear().extend_pairs(kept);
+            }
+        }
+    }
+    let options =
+        PgConnectOptions::from_str(parsed.as_str()).map_err(|e| invalid(e.to_string()))?;
+    Ok((options, left_out))
+}
+
+/// `text` without the secrets of `url`, for a driver's message that might
+/// quote them.
+fn scrub(text: &str, url: &str) -> String {
+    url_secrets(url)
+        .iter()
+        .filter(|s| s.len() >= 3)
+        .fold(text.to_owned(), |text, secret| {
+            text.replace(secret.as_str(), "***")
+        })
 }
 
 /// The metrics endpoint to serve, with the broker's readiness check; `None`
@@ -526,11 +593,9 @@ async fn metrics_endpoint(
     // A client of its own for the readiness check: cluster metadata within 2 s.
     let mut client = config.broker.client_config();
     client.remove("transactional.id");
-    let probe: Arc<rdkafka::producer::BaseProducer> = Arc::new(
-        client
-            .create()
-            .map_err(|e| crate::Error::Client(config.broker.redact(&e.to_string())))?,
-    );
+    let probe: Arc<rdkafka::producer::BaseProducer> = Arc::new(client.create().map_err(|e| {
+        crate::Error::Client(config.broker.redact(&crate::config::client_error_text(&e)))
+    })?);
     let endpoint = outbox::metrics::Endpoint::new(setting.addr)
         .best_effort(!setting.required)
         .sample_interval(config.metrics_sample_interval)
@@ -550,6 +615,15 @@ async fn metrics_endpoint(
     Ok(Some(endpoint))
 }
 
+/// How long one attempt to reach the database may take (a host that drops
+/// packets would otherwise hold the first attempt for minutes).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The first pause between two attempts to reach the database; it doubles up
+/// to [`CONNECT_BACKOFF_MAX`].
+const CONNECT_BACKOFF: Duration = Duration::from_millis(200);
+/// The longest pause between two attempts to reach the database.
+const CONNECT_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
 /// Connects to `config.database_url` (retrying with backoff while the
 /// database is unreachable, until `shutdown` completes) and runs the relay
 /// until `shutdown` completes, or until the outbox is empty with
@@ -559,31 +633,79 @@ pub async fn run_relay(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RelayError> {
     config.validate()?;
+    // Polled from here on, so a signal handler behind it is in place while
+    // the database is awaited.
     let mut shutdown = std::pin::pin!(shutdown);
-    let pool_size = u32::try_from(config.workers * 2 + 3).unwrap_or(32);
-    let redacted = redact_userinfo(&config.database_url);
-    let mut backoff = Duration::from_millis(200);
-    let pool = loop {
-        let connect = PgPoolOptions::new()
-            .max_connections(pool_size)
-            .acquire_timeout(Duration::from_secs(30))
-            .connect(&config.database_url);
-        match connect.await {
-            Ok(pool) => break pool,
-            Err(e) => {
-                tracing::warn!(database = %redacted, retry_in = ?backoff, "cannot connect to the database: {e}");
-                tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = &mut shutdown => return Ok(()),
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-        }
+    let Some(pool) = connect(&config, &mut shutdown).await else {
+        return Ok(());
     };
-    tracing::info!(database = %redacted, "connected to the database");
     let result = run_relay_on(pool.clone(), config, shutdown).await;
     pool.close().await;
     result
+}
+
+/// The pool, once the database answers; `None` when `shutdown` completed
+/// first. Every failed attempt is logged with its cause.
+async fn connect(
+    config: &RelayConfig,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Option<PgPool> {
+    let url = &config.database_url;
+    let redacted = redact_url(url);
+    let (options, left_out) = match connect_options(url) {
+        Ok(found) => found,
+        // `validate` checked it already.
+        Err(e) => {
+            tracing::error!("{e}");
+            return None;
+        }
+    };
+    for name in left_out {
+        tracing::warn!(
+            database = %redacted,
+            "DATABASE_URL: parameter {name:?} is not one the PostgreSQL driver reads; it is left out (its value is not shown)"
+        );
+    }
+    let pool_size = u32::try_from(config.workers * 2 + 3).unwrap_or(32);
+    let mut backoff = CONNECT_BACKOFF;
+    loop {
+        let attempt = async {
+            // One connection first: a pool retries a refused connection
+            // silently until its acquire timeout, then reports only "pool
+            // timed out".
+            let probe = tokio::time::timeout(CONNECT_TIMEOUT, PgConnection::connect_with(&options))
+                .await
+                .map_err(|_| format!("no answer within {}", human(CONNECT_TIMEOUT)))?
+                .map_err(|e| scrub(&e.to_string(), url))?;
+            let _ = probe.close().await;
+            PgPoolOptions::new()
+                .max_connections(pool_size)
+                .acquire_timeout(Duration::from_secs(30))
+                .connect_with(options.clone())
+                .await
+                .map_err(|e| scrub(&e.to_string(), url))
+        };
+        let error = tokio::select! {
+            result = attempt => match result {
+                Ok(pool) => {
+                    tracing::info!(database = %redacted, "connected to the database");
+                    return Some(pool);
+                }
+                Err(e) => e,
+            },
+            _ = &mut *shutdown => return None,
+        };
+        tracing::warn!(
+            database = %redacted,
+            retry_in = %human(backoff),
+            "cannot connect to the database: {error}"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = &mut *shutdown => return None,
+        }
+        backoff = (backoff * 2).min(CONNECT_BACKOFF_MAX);
+    }
 }
 
 /// [`run_relay`] on a pool the caller made.

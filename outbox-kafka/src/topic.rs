@@ -1,13 +1,53 @@
 //! Topic creation through the Kafka admin API.
 
 use crate::broker::LogContext;
-use crate::config::BrokerConfig;
+use crate::config::{client_error_text, BrokerConfig};
 use crate::error::Error;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::RDKafkaErrorCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// Longest topic name Kafka accepts.
+pub const MAX_TOPIC_LEN: usize = 249;
+
+/// Whether `c` may appear in a Kafka topic name.
+pub(crate) fn topic_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+/// Checks a topic name as Kafka does (1 to 249 of ASCII letters, digits, `.`,
+/// `_`, `-`, other than `.` and `..`), and refuses the names Kafka keeps for
+/// itself (starting with `__`, such as `__consumer_offsets`): a message to
+/// one of them could never be delivered, however often it were retried.
+///
+/// ```
+/// use outbox_kafka::check_topic_name;
+/// assert!(check_topic_name("orders.v1").is_ok());
+/// assert!(check_topic_name("orders v1").is_err());
+/// let e = check_topic_name("__consumer_offsets").unwrap_err();
+/// assert!(e.contains("internal"), "{e}");
+/// ```
+pub fn check_topic_name(topic: &str) -> Result<(), String> {
+    if topic.is_empty() || topic.len() > MAX_TOPIC_LEN || topic == "." || topic == ".." {
+        return Err(format!(
+            "topic {topic:?} is not 1 to {MAX_TOPIC_LEN} characters (other than . and ..)"
+        ));
+    }
+    if let Some(c) = topic.chars().find(|c| !topic_char(*c)) {
+        return Err(format!(
+            "topic {topic:?}: character {c:?} is not allowed (accepted: ASCII letters, digits, '.', '_', '-')"
+        ));
+    }
+    if topic.starts_with("__") {
+        return Err(format!(
+            "topic {topic:?} is internal to Kafka (names starting with \"__\", such as \
+             __consumer_offsets, are kept for Kafka itself; accepted: a topic of your own)"
+        ));
+    }
+    Ok(())
+}
 
 /// An admin client made from a broker configuration.
 pub(crate) struct Admin {
@@ -21,7 +61,7 @@ impl Admin {
             .admin_config()
             .set_log_level(RDKafkaLogLevel::Warning)
             .create_with_context(LogContext::default())
-            .map_err(|e| Error::Client(config.redact(&e.to_string())))?;
+            .map_err(|e| Error::Client(config.redact(&client_error_text(&e))))?;
         Ok(Self {
             client: Arc::new(client),
             timeout: config.get_write_timeout(),

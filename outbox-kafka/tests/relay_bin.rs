@@ -110,6 +110,16 @@ fn bad_settings_exit_2_naming_the_variable() {
             "orders",
             r#"TOPIC_MAP: "orders" is not queue:topic"#,
         ),
+        (
+            "TOPIC_MAP",
+            "orders:__consumer_offsets",
+            r#"TOPIC_MAP: topic "__consumer_offsets" is internal to Kafka"#,
+        ),
+        (
+            "TOPIC_PREFIX",
+            "__app.",
+            r#"TOPIC_PREFIX: "__app." would name topics internal to Kafka"#,
+        ),
         ("DATABASE_URL", "mysql://u:pw@h/db", "DATABASE_URL: "),
         (
             "METRICS_SAMPLE_INTERVAL",
@@ -397,4 +407,385 @@ fn a_bad_metrics_addr_exits_2_naming_the_variable() {
         "{}",
         stderr(&out)
     );
+}
+
+/// A relay binary running in the background, its standard error collected
+/// line by line.
+struct Running {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Running {
+    /// Starts the binary with a clean environment plus `vars`.
+    fn start(vars: &[(&str, &str)]) -> Running {
+        use std::io::BufRead;
+        let mut cmd = Command::new(BIN);
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn outbox-relay");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+        let kept = lines.clone();
+        std::thread::spawn(move || {
+            for line in stderr.lines().map_while(Result::ok) {
+                kept.lock().unwrap().push(line);
+            }
+        });
+        Running { child, lines }
+    }
+
+    /// Everything logged so far.
+    fn log(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    /// Waits until `enough` holds for the log, at most `timeout`.
+    fn wait_for_log(&self, timeout: Duration, enough: impl Fn(&str) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if enough(&self.log()) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        enough(&self.log())
+    }
+
+    /// Sends SIGTERM and waits at most `timeout` for the exit status (`None`:
+    /// still running, then killed).
+    fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(sent.success());
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the reader thread take the last lines.
+                std::thread::sleep(Duration::from_millis(100));
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// With the database unreachable, the relay says why at once (not a pool
+/// timeout 30 s later), keeps retrying with a short backoff, and SIGTERM
+/// meanwhile stops it with status 0.
+#[test]
+fn an_unreachable_database_is_reported_at_once_and_sigterm_exits_0() {
+    let mut relay = Running::start(&[
+        (
+            "DATABASE_URL",
+            "postgres://outbox:outbox@127.0.0.1:1/outbox",
+        ),
+        ("KAFKA_BROKERS", &kafka_brokers()),
+        ("METRICS_ADDR", "off"),
+    ]);
+    let refused = |log: &str| log.to_lowercase().matches("connection refused").count();
+    assert!(
+        relay.wait_for_log(Duration::from_secs(5), |log| refused(log) >= 2),
+        "no two \"connection refused\" lines within 5 s; the relay's log:\n{}",
+        relay.log()
+    );
+    let status = relay.terminate(Duration::from_secs(5));
+    let log = relay.log();
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "SIGTERM while waiting for the database; the relay's log:\n{log}"
+    );
+    assert!(!log.contains("pool timed out"), "{log}");
+}
+
+/// `url` with its user-info replaced by `userinfo` (`user` or `user:password`).
+fn with_userinfo(url: &str, userinfo: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let end = url[start..].find('/').map_or(url.len(), |i| start + i);
+    let host = match url[start..end].rfind('@') {
+        Some(at) => &url[start + at + 1..end],
+        None => &url[start..end],
+    };
+    format!("{}{userinfo}@{host}{}", &url[..start], &url[end..])
+}
+
+/// Neither a password holding '@' nor a `password` / `sslpassword` query
+/// parameter reaches the relay's log: not in the line naming the database it
+/// cannot reach, nor in the line naming the one it connected to, nor in an
+/// error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_url_secrets_never_reach_the_log() {
+    // Unreachable, so the log names the database in its retry warnings.
+    let mut unreachable = Running::start(&[
+        (
+            "DATABASE_URL",
+            "postgres://outbox:p%40ss@word-s3cret@127.0.0.1:1/outbox?sslmode=disable\
+             &password=query-s3cret&sslpassword=ssl-s3cret",
+        ),
+        ("KAFKA_BROKERS", &kafka_brokers()),
+        ("METRICS_ADDR", "off"),
+    ]);
+    assert!(
+        unreachable.wait_for_log(Duration::from_secs(10), |log| log.contains("127.0.0.1:1")),
+        "no line names the database; the relay's log:\n{}",
+        unreachable.log()
+    );
+    unreachable.terminate(Duration::from_secs(10));
+    let log = unreachable.log();
+    for secret in ["s3cret", "p%40ss", "p@ss", "word-"] {
+        assert!(!log.contains(secret), "{secret:?} leaked:\n{log}");
+    }
+    assert!(log.contains("password=***"), "{log}");
+
+    // Reachable, the password given only as a query parameter: the relay
+    // connects, logs so, then stops for want of an outbox table (exit 1).
+    let db = TestDb::new().await;
+    let url = format!(
+        "{}?password={}&sslpassword=ssl-s3cret",
+        with_userinfo(&db.url, &current_user(&db.url)),
+        current_password(&db.url)
+    );
+    let vars = [
+        ("DATABASE_URL", url),
+        ("KAFKA_BROKERS", kafka_brokers()),
+        ("METRICS_ADDR", "off".to_owned()),
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        relay(&vars, &[])
+    })
+    .await
+    .unwrap();
+    let log = stderr(&out);
+    assert!(log.contains("connected to the database"), "{log}");
+    let password = current_password(&db.url);
+    assert!(
+        !log.contains(&format!("password={password}")),
+        "the password leaked:\n{log}"
+    );
+    assert!(
+        !log.contains("ssl-s3cret"),
+        "the ssl password leaked:\n{log}"
+    );
+    db.drop_db().await;
+}
+
+/// The user name of a `scheme://user:password@host/...` URL.
+fn current_user(url: &str) -> String {
+    userinfo(url)
+        .split(':')
+        .next()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The password of a `scheme://user:password@host/...` URL.
+fn current_password(url: &str) -> String {
+    userinfo(url)
+        .split_once(':')
+        .map(|(_, p)| p.to_owned())
+        .unwrap_or_default()
+}
+
+fn userinfo(url: &str) -> &str {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let end = url[start..].find('/').map_or(url.len(), |i| start + i);
+    url[start..end]
+        .rfind('@')
+        .map_or("", |at| &url[start..start + at])
+}
+
+/// Polls the dead-letter table until a row of `queue` is there, at most
+/// `timeout`; its failure reason and last error.
+async fn dead_letter(db: &TestDb, queue: &str, timeout: Duration) -> Option<(String, String)> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let row: Option<(String, Option<String>)> = sqlx::query_as(
+            "select failure_reason, last_error from outbox_dlq where queue = $1 limit 1",
+        )
+        .bind(queue)
+        .fetch_optional(&db.pool)
+        .await
+        .unwrap();
+        if let Some((reason, error)) = row {
+            return Some((reason, error.unwrap_or_default()));
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A queue whose topic Kafka would refuse (an internal topic such as
+/// `__consumer_offsets`) is dead-lettered at once, naming the topic, instead
+/// of being retried for minutes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_mapped_to_an_internal_topic_is_dead_lettered_at_once() {
+    let db = TestDb::new().await;
+    outbox::migrate(&db.pool, &outbox::Tables::default())
+        .await
+        .unwrap();
+    outbox::Message::json("__consumer_offsets", &1)
+        .unwrap()
+        .publish(&db.pool)
+        .await
+        .unwrap();
+    let mut relay = Running::start(&[
+        ("DATABASE_URL", &db.url),
+        ("KAFKA_BROKERS", &kafka_brokers()),
+        ("METRICS_ADDR", "off"),
+    ]);
+    let dead = dead_letter(&db, "__consumer_offsets", Duration::from_secs(15)).await;
+    relay.terminate(Duration::from_secs(10));
+    let (reason, error) = dead.unwrap_or_else(|| {
+        panic!(
+            "not dead-lettered within 15 s; the relay's log:\n{}",
+            relay.log()
+        )
+    });
+    assert!(
+        error.contains("\"__consumer_offsets\""),
+        "{reason}: {error}"
+    );
+    assert!(error.contains("internal"), "{reason}: {error}");
+    db.drop_db().await;
+}
+
+/// The Kafka sink itself (as `#[kafka::publisher]` uses it) refuses an
+/// internal topic for good, at once, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_broker_refuses_an_internal_topic_for_good() {
+    use outbox::Sink;
+    let broker =
+        outbox_kafka::Broker::new(outbox_kafka::BrokerConfig::new(&kafka_brokers())).unwrap();
+    let started = Instant::now();
+    let results = broker
+        .send(vec![outbox::Outgoing {
+            sink: "kafka".into(),
+            topic: "__transaction_state".into(),
+            key: None,
+            payload: b"1".to_vec(),
+            headers: vec![],
+        }])
+        .await;
+    let e = results[0].clone().unwrap_err();
+    assert!(e.permanent, "{e}");
+    assert!(e.message.contains("\"__transaction_state\""), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(5), "{e}");
+}
+
+/// A message over the size limit because of a 3 MB header is dead-lettered
+/// with its real size (payload, key and headers) and the limit, not the size
+/// of its payload alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_too_large_for_its_headers_is_dead_lettered_with_its_real_size() {
+    let db = TestDb::new().await;
+    let topic = unique_topic("relay-big-header");
+    create_topic(&topic, 1).await;
+    outbox::migrate(&db.pool, &outbox::Tables::default())
+        .await
+        .unwrap();
+    outbox::Message::json("big.header", &1)
+        .unwrap()
+        .key("k")
+        .header("big", "x".repeat(3_000_000))
+        .publish(&db.pool)
+        .await
+        .unwrap();
+    let map = format!("big.header:{topic}");
+    let mut relay = Running::start(&[
+        ("DATABASE_URL", &db.url),
+        ("KAFKA_BROKERS", &kafka_brokers()),
+        ("TOPIC_MAP", &map),
+        ("METRICS_ADDR", "off"),
+    ]);
+    let dead = dead_letter(&db, "big.header", Duration::from_secs(30)).await;
+    relay.terminate(Duration::from_secs(10));
+    let (reason, error) = dead.unwrap_or_else(|| {
+        panic!(
+            "not dead-lettered within 30 s; the relay's log:\n{}",
+            relay.log()
+        )
+    });
+    let numbers: Vec<u64> = error
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    assert!(
+        numbers.iter().any(|n| (3_000_000..3_100_000).contains(n)),
+        "the real size is missing: {reason}: {error}"
+    );
+    assert!(
+        numbers.contains(&1_000_000),
+        "the limit is missing: {reason}: {error}"
+    );
+    assert!(error.contains("header"), "{reason}: {error}");
+    db.drop_db().await;
+}
+
+/// A misspelled librdkafka key is named (with the key meant) and refused with
+/// status 2, and no property's value is echoed: neither the secret of the
+/// misspelled key nor a bad value of another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_misspelled_property_is_named_without_its_value() {
+    // A database of its own: were the setting accepted, the relay would find
+    // no outbox table there and stop, rather than relay someone's rows.
+    let test_db = TestDb::new().await;
+    let db = test_db.url.clone();
+    let brokers = kafka_brokers();
+    let run = |vars: Vec<(&'static str, String)>| {
+        tokio::task::spawn_blocking(move || {
+            let vars: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            relay(&vars, &[])
+        })
+    };
+    let out = run(vec![
+        ("DATABASE_URL", db.clone()),
+        ("KAFKA_BROKERS", brokers.clone()),
+        ("METRICS_ADDR", "off".into()),
+        ("KAFKA_PROP_SASL_PASWORD", "hunter2-typo-s3cret".into()),
+    ])
+    .await
+    .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("KAFKA_PROP_SASL_PASWORD"), "{err}");
+    assert!(err.contains("\"sasl.pasword\""), "{err}");
+    assert!(err.contains("\"sasl.password\""), "no suggestion: {err}");
+    assert!(!err.contains("hunter2"), "the value leaked: {err}");
+
+    let out = run(vec![
+        ("DATABASE_URL", db),
+        ("KAFKA_BROKERS", brokers),
+        ("METRICS_ADDR", "off".into()),
+        ("KAFKA_PROP_SOCKET_TIMEOUT_MS", "not-a-number-s3cret".into()),
+    ])
+    .await
+    .unwrap();
+    let err = stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("KAFKA_PROP_SOCKET_TIMEOUT_MS"), "{err}");
+    assert!(err.contains("\"socket.timeout.ms\""), "{err}");
+    assert!(
+        !err.contains("not-a-number-s3cret"),
+        "the value leaked: {err}"
+    );
+    test_db.drop_db().await;
 }

@@ -8,7 +8,6 @@
 use clap::Parser;
 use outbox_kafka::relay::{run_relay, LogFormat, RelayConfig, RelayError};
 use std::process::ExitCode;
-use std::str::FromStr;
 
 /// Forwards every row of a PostgreSQL outbox table to Kafka, the queue naming
 /// the topic. Every option can be given as the environment variable shown.
@@ -179,21 +178,6 @@ fn init_logging(format: LogFormat, filter: &str) -> Result<(), String> {
     result.map_err(|e| format!("cannot set up logging: {e}"))
 }
 
-/// Refuses a `DATABASE_URL` that sqlx cannot parse (a bad port, an unclosed
-/// IPv6 bracket, an unknown `sslmode`, ...): retrying the connection could
-/// never help, so it is an invalid setting rather than a database that is down.
-fn check_database_url(url: &str) -> Result<(), String> {
-    sqlx::postgres::PgConnectOptions::from_str(url)
-        .map(|_| ())
-        .map_err(|e| {
-            format!(
-                "DATABASE_URL: {:?} is not a valid PostgreSQL URL: {e} (accepted: \
-                 postgres://user:password@host:port/database?param=value)",
-                outbox_kafka::redact_userinfo(url)
-            )
-        })
-}
-
 /// A setting librdkafka refused (`KAFKA_PROP_*` with an unknown key or a bad
 /// value): the message with the variable that set it, when it can be told.
 fn librdkafka_refusal(e: &RelayError) -> Option<String> {
@@ -225,10 +209,6 @@ fn main() -> ExitCode {
     if metrics_unset {
         // On by default in the binary (opt-in for RelayConfig users).
         config.metrics = Some(outbox_kafka::relay::MetricsSetting::default_for_binary());
-    }
-    if let Err(e) = check_database_url(&config.database_url) {
-        eprintln!("outbox-relay: {e}");
-        return ExitCode::from(2);
     }
     if let Err(e) = init_logging(config.log_format, &filter) {
         eprintln!("outbox-relay: {e}");
