@@ -1077,3 +1077,188 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     conn.read_to_string(&mut out).await.unwrap();
     out
 }
+
+/// Point 7: a payload over 16 MiB, or headers over 64 KiB, are refused at
+/// publish with the limit named; nothing is written.
+#[tokio::test]
+async fn a_payload_or_headers_over_the_limit_are_refused_at_publish() {
+    let db = setup().await;
+    let pool = &db.pool;
+    let big = vec![b'x'; outbox::MAX_PAYLOAD_BYTES + 1];
+    let err = Message::bytes("big", big)
+        .publish(pool)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("payload of 16777217 bytes is over the limit of 16777216 bytes"),
+        "{err}"
+    );
+    let err = Message::bytes("big", b"x".to_vec())
+        .header("note", "y".repeat(70_000))
+        .publish(pool)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("headers of 70004 bytes") && err.contains("limit of 65536 bytes"),
+        "{err}"
+    );
+    // At the limit: accepted.
+    Message::bytes("big", vec![b'x'; outbox::MAX_PAYLOAD_BYTES])
+        .publish(pool)
+        .await
+        .unwrap();
+    assert_eq!(count(pool, "select count(*) from outbox").await, 1);
+    db.drop_db().await;
+}
+
+/// Point 7: a claim stops at its byte budget (the row that reaches it
+/// included, at least one row), so that a batch of multi-MB rows cannot
+/// hold gigabytes in memory.
+#[tokio::test]
+async fn a_claim_stops_at_its_byte_budget() {
+    let db = setup().await;
+    let pool = &db.pool;
+    let mib = 1024 * 1024;
+    for _ in 0..10 {
+        Message::bytes("blobs", vec![7u8; mib])
+            .publish(pool)
+            .await
+            .unwrap();
+    }
+    let claimer = Claimer::new(pool.clone(), Tables::default(), vec!["blobs".into()])
+        .unwrap()
+        .with_batch_size(100)
+        .with_batch_bytes(3 * mib);
+    let batch = claimer.claim().await.unwrap();
+    assert_eq!(batch.rows.len(), 3, "1 MiB rows up to a 3 MiB budget");
+    let small = Claimer::new(pool.clone(), Tables::default(), vec!["blobs".into()])
+        .unwrap()
+        .with_batch_size(100)
+        .with_batch_bytes(1024);
+    assert_eq!(
+        small.claim().await.unwrap().rows.len(),
+        1,
+        "a row larger than the budget is claimed alone"
+    );
+    // The relay's form (every queue) obeys the same budget.
+    let all = Claimer::all_queues(pool.clone(), Tables::default())
+        .with_batch_size(100)
+        .with_batch_bytes(2 * mib);
+    assert_eq!(all.claim().await.unwrap().rows.len(), 2);
+    db.drop_db().await;
+}
+
+/// A sink whose flush never returns (a broker that hangs at shutdown).
+struct HangingFlush;
+
+impl Sink for HangingFlush {
+    fn name(&self) -> &str {
+        "hang"
+    }
+
+    fn send(&self, batch: Vec<Outgoing>) -> BoxFuture<'_, Vec<Result<(), SinkError>>> {
+        Box::pin(async move { vec![Ok(()); batch.len()] })
+    }
+
+    fn flush(&self, _timeout: Duration) -> BoxFuture<'_, ()> {
+        Box::pin(std::future::pending())
+    }
+}
+
+/// Point 18: with the defaults, a shutdown under a handler that never
+/// returns and a broker whose flush never returns ends within the 25 s
+/// shutdown timeout (inside a 30 s termination grace period), and the row is
+/// given back uncounted.
+#[tokio::test]
+async fn a_shutdown_with_a_hung_handler_and_broker_fits_the_default_timeout() {
+    let db = setup().await;
+    let pool = &db.pool;
+    let id = outbox::publish(pool, "stuck", &"x").await.unwrap();
+    let started = Arc::new(AtomicUsize::new(0));
+    let s = started.clone();
+    let handler = move |_env: Arc<Envelope>, _ctx: Context| {
+        let s = s.clone();
+        async move {
+            s.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<()>().await;
+            Ok(Output::none())
+        }
+    };
+    let running = App::manual(pool.clone())
+        .broker(HangingFlush)
+        .register(
+            fast(Subscriber::new("stuck", handler).queue("stuck"))
+                .lease_ttl(Duration::from_secs(120)),
+        )
+        .start()
+        .await
+        .unwrap();
+    eventually("the handler started", Duration::from_secs(10), || async {
+        started.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    let t = Instant::now();
+    tokio::time::timeout(Duration::from_secs(40), running.shutdown())
+        .await
+        .expect("the shutdown ended within 40 s");
+    let took = t.elapsed();
+    assert!(
+        took <= Duration::from_secs(26) && took >= Duration::from_secs(19),
+        "shutdown took {took:?}"
+    );
+    let (token, deliveries): (Option<uuid::Uuid>, i32) =
+        sqlx::query_as("select lease_token, deliveries from outbox where id = $1")
+            .bind(id)
+            .fetch_one(pool)
+            .await
+            .unwrap();
+    assert_eq!(token, None, "the row is given back");
+    assert_eq!(deliveries, 0, "and its delivery not counted");
+    db.drop_db().await;
+}
+
+/// Point 18: settling waits for the database as long as the lease allows,
+/// not about a second: with the app's only connection held for 4 s after the
+/// handler returns, the row is still acked, long before its lease (30 s)
+/// would bring it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settling_waits_for_the_database_while_the_lease_lasts() {
+    let db = setup().await;
+    let small = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_millis(500))
+        .connect(&db.url)
+        .await
+        .unwrap();
+    let handler = move |_env: Arc<Envelope>, ctx: Context| async move {
+        let pool = PgPool::from_context(&Envelope::new(0, "x", Vec::new()), &ctx)?;
+        let conn = pool.acquire().await.map_err(HandlerError::transient)?;
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            drop(conn);
+        });
+        Ok(Output::none())
+    };
+    let running = App::manual(small.clone())
+        .register(fast(Subscriber::new("held", handler).queue("held")))
+        .start()
+        .await
+        .unwrap();
+    let t = Instant::now();
+    outbox::publish(&db.pool, "held", &"x").await.unwrap();
+    eventually("acked", Duration::from_secs(15), || async {
+        count(&db.pool, "select count(*) from outbox").await == 0
+    })
+    .await;
+    assert!(
+        t.elapsed() < Duration::from_secs(10),
+        "acked after {:?}",
+        t.elapsed()
+    );
+    assert_eq!(count(&db.pool, "select count(*) from outbox_dlq").await, 0);
+    running.shutdown().await;
+    small.close().await;
+    db.drop_db().await;
+}

@@ -272,6 +272,16 @@ fn relay_refuses_zero_negative_and_absurd_durations_and_sizes() {
             "0x10",
             &["RELAY_WORKERS: \"0x10\" is not a number"],
         ),
+        (
+            "RELAY_BATCH_BYTES",
+            "1023",
+            &["RELAY_BATCH_BYTES: 1023 is out of range (accepted: a whole number from 1024 to 1073741824)"],
+        ),
+        (
+            "RELAY_MAX_DELIVERIES",
+            "0",
+            &["RELAY_MAX_DELIVERIES: 0 is out of range (accepted: a whole number from 1 to 1000)"],
+        ),
     ];
     for (var, value, expected) in cases {
         refused(&[(var, value)], expected, &[]);
@@ -381,6 +391,16 @@ fn subscriber_settings_name_what_is_wrong() {
             "concurrency(0)",
             base().concurrency(0),
             "concurrency is 0, accepted: 1 to 10000",
+        ),
+        (
+            "max_deliveries(0)",
+            base().max_deliveries(0),
+            "max_deliveries is 0, accepted: 1 to 1000",
+        ),
+        (
+            "max_batch_bytes(100)",
+            base().max_batch_bytes(100),
+            "max_batch_bytes is 100, accepted: 1024 (1 KiB) to 1073741824 (1 GiB)",
         ),
         (
             "concurrency(usize::MAX)",

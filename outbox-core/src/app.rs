@@ -10,7 +10,7 @@ use std::any::TypeId;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -70,7 +70,7 @@ impl App {
             discover: false,
             sinks: HashMap::new(),
             state: Extensions::default(),
-            shutdown_timeout: Duration::from_secs(30),
+            shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             #[cfg(feature = "prometheus")]
             metrics: None,
         }
@@ -125,7 +125,10 @@ impl App {
         self
     }
 
-    /// How long in-flight handlers may run after shutdown starts (default 30 s).
+    /// How long a shutdown may take in all (default 25 s, inside the 30 s a
+    /// container is given by default between SIGTERM and SIGKILL). In-flight
+    /// handlers and their publishes get this less a fifth (at most 5 s) kept
+    /// for flushing the brokers; what has not finished by then is released.
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.shutdown_timeout = timeout;
         self
@@ -358,6 +361,7 @@ impl App {
             };
             let claimer = Claimer::build(self.pool.clone(), &self.tables, queues, s.ordered, dlq)
                 .with_batch_size(s.batch_size)
+                .with_batch_bytes(s.max_batch_bytes)
                 .with_lease_ttl(s.lease_ttl);
             let rt = Arc::new(SubRuntime {
                 claimer,
@@ -367,7 +371,7 @@ impl App {
                 waker: waker.clone(),
                 mark_idle_sql: crate::sql::mark_idle(&self.tables),
                 mark_busy_sql: crate::sql::mark_busy(&self.tables),
-                shutdown_timeout: self.shutdown_timeout,
+                shutdown_timeout: self.shutdown_timeout - flush_reserve(self.shutdown_timeout),
                 suspects: suspects.clone(),
                 health: health.clone(),
                 sub: s,
@@ -444,6 +448,15 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Default of [`App::shutdown_timeout`].
+pub const DEFAULT_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(25);
+
+/// The part of the shutdown timeout kept for flushing the brokers: a fifth,
+/// at most 5 s.
+fn flush_reserve(timeout: Duration) -> Duration {
+    (timeout / 5).min(Duration::from_secs(5))
+}
+
 /// A started app.
 pub struct Running {
     stop: watch::Sender<bool>,
@@ -471,12 +484,21 @@ impl Running {
     /// Stops claiming, lets in-flight handlers finish within the shutdown
     /// timeout, releases what did not finish, and flushes the brokers.
     pub async fn shutdown(mut self) {
+        let started = Instant::now();
         let _ = self.stop.send(true);
         while self.tasks.join_next().await.is_some() {}
         let _ = (&mut self.listener).await;
-        for sink in self.sinks.values() {
-            sink.flush(self.shutdown_timeout).await;
-        }
+        // What is left of the shutdown timeout, and at least the reserve.
+        let left = self
+            .shutdown_timeout
+            .saturating_sub(started.elapsed())
+            .max(flush_reserve(self.shutdown_timeout));
+        let flushes = self.sinks.values().map(|sink| async move {
+            if tokio::time::timeout(left, sink.flush(left)).await.is_err() {
+                tracing::warn!(sink = sink.name(), "broker flush did not finish within {left:?}; its unsent messages are retried from the outbox");
+            }
+        });
+        futures::future::join_all(flushes).await;
         #[cfg(feature = "prometheus")]
         if let Some(m) = &self.metrics {
             m.stop();

@@ -154,6 +154,7 @@ pub struct Claimer {
     batch_size: i64,
     lease_ttl_us: i64,
     claim_sql: String,
+    tables: Tables,
     ack_sql: String,
     ack_at_sql: String,
     renew_sql: String,
@@ -260,6 +261,13 @@ impl Claimer {
         ))
     }
 
+    /// A claimer of every queue of the table, by id (what the stand-alone
+    /// relay claims), with the defaults of [`Claimer::new`].
+    pub fn all_queues(pool: PgPool, tables: Tables) -> Self {
+        let dlq = tables.dlq.clone();
+        Self::build(pool, &tables, None, false, dlq)
+    }
+
     pub(crate) fn build(
         pool: PgPool,
         tables: &Tables,
@@ -279,7 +287,12 @@ impl Claimer {
             queues,
             batch_size: crate::subscriber::DEFAULT_BATCH_SIZE as i64,
             lease_ttl_us: crate::subscriber::DEFAULT_LEASE_TTL.as_micros() as i64,
-            claim_sql: sql::claim(tables, scope),
+            claim_sql: sql::claim(
+                tables,
+                scope,
+                crate::subscriber::DEFAULT_MAX_BATCH_BYTES as i64,
+            ),
+            tables: tables.clone(),
             ack_sql: sql::ack(tables),
             ack_at_sql: sql::ack_at(tables),
             renew_sql: sql::renew(tables),
@@ -295,6 +308,13 @@ impl Claimer {
             }),
             scope,
         }
+    }
+
+    /// Bytes of payload and headers per claim (at least one row is claimed,
+    /// whatever its size).
+    pub fn with_batch_bytes(mut self, n: usize) -> Self {
+        self.claim_sql = sql::claim(&self.tables, self.scope, n.min(i64::MAX as usize) as i64);
+        self
     }
 
     /// Rows per claim.

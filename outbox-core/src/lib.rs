@@ -45,21 +45,21 @@ mod sink;
 mod sql;
 mod subscriber;
 
-pub use app::{shutdown_signal, App, Running};
+pub use app::{shutdown_signal, App, Running, DEFAULT_SHUTDOWN_TIMEOUT};
 pub use envelope::{Envelope, Meta};
 pub use error::{ConfigErrors, Error, FailureReason, HandlerError, HandlerErrorKind};
 pub use handler::{Ack, Context, FromContext, Handler, Output, State};
 pub use names::{validate_queue, TableName, MAX_IDENTIFIER_BYTES, MAX_QUEUE_BYTES};
 pub use publish::{
-    cancel_timer, publish, Message, OnConflict, Outbox, MAX_HEADER_NAME_BYTES,
-    RESERVED_HEADER_PREFIX,
+    cancel_timer, publish, Message, OnConflict, Outbox, MAX_HEADERS_BYTES, MAX_HEADER_NAME_BYTES,
+    MAX_PAYLOAD_BYTES, RESERVED_HEADER_PREFIX,
 };
 pub use retry::{ConstantRetry, ExponentialRetry, Failure, LinearRetry, NoRetry, RetryStrategy};
 pub use schema::{expected_versions, migrate, migrate_dlq, Tables};
 pub use sink::{Outgoing, Sink, SinkError};
 pub use subscriber::{
     AckPolicy, PublisherSpec, Queues, Subscriber, DEFAULT_BATCH_SIZE, DEFAULT_CONCURRENCY,
-    DEFAULT_LEASE_TTL, DEFAULT_MAX_DELIVERIES,
+    DEFAULT_LEASE_TTL, DEFAULT_MAX_BATCH_BYTES, DEFAULT_MAX_DELIVERIES,
 };
 
 pub use outbox_macros::{publisher, subscriber};

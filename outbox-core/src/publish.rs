@@ -24,6 +24,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Longest accepted header name, in bytes.
 pub const MAX_HEADER_NAME_BYTES: usize = 255;
+/// Largest accepted payload, in bytes (16 MiB). Every claimed row is held in
+/// memory while its batch is handled; larger data belongs in object storage,
+/// with a reference in the message.
+pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024 * 1024;
+/// Largest accepted total of a message's header names and values, in bytes
+/// (64 KiB).
+pub const MAX_HEADERS_BYTES: usize = 64 * 1024;
 /// Header names reserved for the metadata the runtime adds when it publishes.
 pub const RESERVED_HEADER_PREFIX: &str = "outbox-";
 
@@ -134,6 +141,19 @@ impl Message {
 
     pub(crate) fn validate(&self) -> Result<(), Error> {
         validate_queue(&self.queue)?;
+        if self.payload.len() > MAX_PAYLOAD_BYTES {
+            return Err(Error::invalid(format!(
+                "payload of {} bytes is over the limit of {MAX_PAYLOAD_BYTES} bytes (16 MiB): \
+                 put large data elsewhere (object storage, a table of its own) and publish a reference to it",
+                self.payload.len()
+            )));
+        }
+        let header_bytes: usize = self.headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if header_bytes > MAX_HEADERS_BYTES {
+            return Err(Error::invalid(format!(
+                "headers of {header_bytes} bytes (names and values) are over the limit of {MAX_HEADERS_BYTES} bytes (64 KiB)"
+            )));
+        }
         for name in self.headers.keys() {
             if name.is_empty() || name.len() > MAX_HEADER_NAME_BYTES {
                 return Err(Error::invalid(format!(

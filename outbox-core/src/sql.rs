@@ -156,7 +156,12 @@ pub(crate) enum ClaimScope {
 /// version before this statement ends. The update still checks the queue and
 /// that no live lease holds the row, so that it can only ever take a row the
 /// pick could have taken.
-pub(crate) fn claim(t: &Tables, scope: ClaimScope) -> String {
+///
+/// A claim also stops at `max_bytes` of payload and headers (the rows up to
+/// the one that reaches it; at least one row): a batch is held in memory
+/// while it is handled, and rows of several MB each would otherwise make a
+/// batch of gigabytes. The rows picked beyond it stay unclaimed.
+pub(crate) fn claim(t: &Tables, scope: ClaimScope, max_bytes: i64) -> String {
     let o = t.outbox.quoted();
     let pick = |queue_filter: &str, ord: &str, order_by: &str, head_only: bool| {
         let head = if head_only {
@@ -169,7 +174,8 @@ pub(crate) fn claim(t: &Tables, scope: ClaimScope) -> String {
             String::new()
         };
         format!(
-            "SELECT c.ctid AS pos, c.{ord} AS ord FROM {o} c \
+            "SELECT c.ctid AS pos, c.{ord} AS ord, c.id, \
+                    octet_length(c.payload) + pg_column_size(c.headers) AS size FROM {o} c \
              WHERE {queue_filter} c.parked_at IS NULL AND c.next_attempt_at <= now() \
                AND {claimable} {head} \
              ORDER BY {order_by} LIMIT $2 FOR UPDATE SKIP LOCKED",
@@ -198,7 +204,7 @@ pub(crate) fn claim(t: &Tables, scope: ClaimScope) -> String {
                 ("id", true)
             };
             format!(
-                "SELECT l.pos, l.ord FROM unnest($1::text[]) AS q(name) \
+                "SELECT l.pos, l.ord, l.id, l.size FROM unnest($1::text[]) AS q(name) \
                  CROSS JOIN LATERAL ({inner}) AS l ORDER BY l.ord LIMIT $2",
                 inner = pick("c.queue = q.name AND", order, &format!("c.{order}"), head)
             )
@@ -210,11 +216,13 @@ pub(crate) fn claim(t: &Tables, scope: ClaimScope) -> String {
         ClaimScope::All => "",
     };
     format!(
-        "WITH {ASYNC_COMMIT}, picked AS ({picked}) \
+        "WITH {ASYNC_COMMIT}, picked AS ({picked}), \
+              kept AS (SELECT pos FROM (SELECT pos, size, sum(size) OVER (ORDER BY ord, id) AS upto FROM picked) b \
+                       WHERE upto - size < {max_bytes}) \
          UPDATE {o} o SET lease_token = $4, lease_acquired_at = now(), \
              lease_expires_at = now() + $3::int8 * interval '1 microsecond', deliveries = least(o.deliveries, 2147483646) + 1, \
              first_attempt_at = coalesce(o.first_attempt_at, now()), last_attempt_at = now() \
-         FROM sc WHERE o.ctid = ANY(ARRAY(SELECT pos FROM picked)) \
+         FROM sc WHERE o.ctid = ANY(ARRAY(SELECT pos FROM kept)) \
            AND {queue_check} o.parked_at IS NULL AND {claimable} \
          RETURNING {RETURNING}",
         claimable = claimable("o"),

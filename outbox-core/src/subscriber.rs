@@ -40,6 +40,8 @@ pub const DEFAULT_BATCH_SIZE: usize = 100;
 pub const DEFAULT_CONCURRENCY: usize = 100;
 /// Default lease time-to-live.
 pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(30);
+/// Default of [`Subscriber::max_batch_bytes`]: 64 MiB.
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 64 * 1024 * 1024;
 /// Default of [`Subscriber::max_deliveries`].
 pub const DEFAULT_MAX_DELIVERIES: u32 = 5;
 
@@ -65,6 +67,7 @@ pub struct Subscriber {
     pub(crate) concurrency: usize,
     pub(crate) workers: usize,
     pub(crate) batch_size: usize,
+    pub(crate) max_batch_bytes: usize,
     pub(crate) lease_ttl: Duration,
     pub(crate) max_deliveries: u32,
     pub(crate) retry: Arc<dyn RetryStrategy>,
@@ -86,6 +89,7 @@ impl std::fmt::Debug for Subscriber {
             .field("concurrency", &self.concurrency)
             .field("workers", &self.workers)
             .field("batch_size", &self.batch_size)
+            .field("max_batch_bytes", &self.max_batch_bytes)
             .field("lease_ttl", &self.lease_ttl)
             .field("max_deliveries", &self.max_deliveries)
             .field("retry", &self.retry)
@@ -109,6 +113,7 @@ impl Subscriber {
             concurrency: DEFAULT_CONCURRENCY,
             workers: 1,
             batch_size: DEFAULT_BATCH_SIZE,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
             lease_ttl: DEFAULT_LEASE_TTL,
             max_deliveries: DEFAULT_MAX_DELIVERIES,
             retry: Arc::new(ExponentialRetry::default()),
@@ -163,6 +168,22 @@ impl Subscriber {
     /// Rows per claim (1 to 10,000).
     pub fn batch_size(mut self, n: usize) -> Self {
         self.batch_size = n;
+        self
+    }
+
+    /// Bytes of payload and headers per claim (1 KiB to 1 GiB; default 64
+    /// MiB): a claim stops at the row that reaches it, and takes at least one
+    /// row whatever its size. A worker holds up to two batches in memory (one
+    /// handled, one claimed ahead), each copied to its broker.
+    ///
+    /// ```
+    /// let sub = outbox::Subscriber::new("blobs", |_env, _ctx| async { Ok(outbox::Output::none()) })
+    ///     .queue("blobs")
+    ///     .max_batch_bytes(16 * 1024 * 1024);
+    /// assert!(sub.validate().is_ok());
+    /// ```
+    pub fn max_batch_bytes(mut self, n: usize) -> Self {
+        self.max_batch_bytes = n;
         self
     }
 
@@ -287,6 +308,12 @@ impl Subscriber {
         range(&mut e, "concurrency", self.concurrency, 10_000);
         range(&mut e, "workers", self.workers, 64);
         range(&mut e, "batch_size", self.batch_size, 10_000);
+        if !(1024..=1024 * 1024 * 1024).contains(&self.max_batch_bytes) {
+            e.push(format!(
+                "max_batch_bytes is {}, accepted: 1024 (1 KiB) to 1073741824 (1 GiB)",
+                self.max_batch_bytes
+            ));
+        }
         range(
             &mut e,
             "max_deliveries",

@@ -70,6 +70,8 @@ pub const RELAY_VARS: &[(&str, Option<&str>, &str)] = &[
     ("RELAY_BATCH_SIZE", Some("500"), "rows per claim (1 to 10000)"),
     ("RELAY_CONCURRENCY", Some("500"), "rows handled at once per worker (1 to 10000)"),
     ("RELAY_WORKERS", Some("2"), "claim loops (1 to 64)"),
+    ("RELAY_BATCH_BYTES", Some("67108864"), "bytes of payload and headers per claim, at least one row (1024 to 1073741824)"),
+    ("RELAY_MAX_DELIVERIES", Some("5"), "deliveries of a row beyond its settled attempts (the relay crashed or hung with it) before it is dead-lettered as crashed (1 to 1000)"),
     ("RELAY_MIGRATE", Some("false"), "create the outbox and dead-letter tables at start"),
     ("RELAY_EXIT_WHEN_IDLE", Some("false"), "exit 0 once the outbox has no pending row"),
     ("METRICS_ADDR", Some(DEFAULT_METRICS_ADDR), "address of the Prometheus /metrics, liveness /healthz and readiness /readyz endpoint; off disables it"),
@@ -208,6 +210,11 @@ pub struct RelayConfig {
     pub concurrency: usize,
     /// Claim loops (`RELAY_WORKERS`).
     pub workers: usize,
+    /// Bytes of payload and headers per claim (`RELAY_BATCH_BYTES`).
+    pub batch_bytes: usize,
+    /// Unsettled deliveries before a row is dead-lettered as `crashed`
+    /// (`RELAY_MAX_DELIVERIES`).
+    pub max_deliveries: u32,
     /// Create the tables at start (`RELAY_MIGRATE`).
     pub migrate: bool,
     /// Stop once the outbox has no pending row (`RELAY_EXIT_WHEN_IDLE`).
@@ -235,6 +242,8 @@ impl Default for RelayConfig {
             batch_size: DEFAULT_RELAY_BATCH_SIZE,
             concurrency: DEFAULT_RELAY_CONCURRENCY,
             workers: DEFAULT_RELAY_WORKERS,
+            batch_bytes: outbox::DEFAULT_MAX_BATCH_BYTES,
+            max_deliveries: outbox::DEFAULT_MAX_DELIVERIES,
             migrate: false,
             exit_when_idle: false,
             metrics: None,
@@ -371,6 +380,12 @@ impl RelayConfig {
         if let Some(v) = get("RELAY_WORKERS") {
             c.workers = parse_number("RELAY_WORKERS", &v, 1, 64)?;
         }
+        if let Some(v) = get("RELAY_BATCH_BYTES") {
+            c.batch_bytes = parse_number("RELAY_BATCH_BYTES", &v, 1024, 1024 * 1024 * 1024)?;
+        }
+        if let Some(v) = get("RELAY_MAX_DELIVERIES") {
+            c.max_deliveries = parse_number("RELAY_MAX_DELIVERIES", &v, 1, 1000)? as u32;
+        }
         if let Some(v) = get("RELAY_MIGRATE") {
             c.migrate = parse_bool("RELAY_MIGRATE", &v)?;
         }
@@ -473,6 +488,8 @@ impl RelayConfig {
             .batch_size(self.batch_size)
             .concurrency(self.concurrency)
             .workers(self.workers)
+            .max_batch_bytes(self.batch_bytes)
+            .max_deliveries(self.max_deliveries)
             .lease_ttl(lease)
             .retry(self.retry().unwrap_or_default());
         sub = match &self.dlq_table {
