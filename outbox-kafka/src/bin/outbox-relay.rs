@@ -94,6 +94,12 @@ struct Args {
     /// Claim loops (1 to 64).
     #[arg(long, env = "RELAY_WORKERS", default_value = "2")]
     relay_workers: String,
+    /// Bytes of payload and headers per claim; a claim stops at the row that reaches it and takes at least one row (1024 to 1073741824).
+    #[arg(long, env = "RELAY_BATCH_BYTES", default_value = "67108864")]
+    relay_batch_bytes: String,
+    /// Deliveries of a row beyond its settled attempts (the relay crashed, was killed or hung with it each time) before it is dead-lettered as crashed (1 to 1000).
+    #[arg(long, env = "RELAY_MAX_DELIVERIES", default_value = "5")]
+    relay_max_deliveries: String,
     /// Create the outbox and dead-letter tables at start.
     #[arg(long, env = "RELAY_MIGRATE", default_value = "false")]
     relay_migrate: String,
@@ -143,6 +149,8 @@ impl Args {
             ("RELAY_BATCH_SIZE", Some(self.relay_batch_size)),
             ("RELAY_CONCURRENCY", Some(self.relay_concurrency)),
             ("RELAY_WORKERS", Some(self.relay_workers)),
+            ("RELAY_BATCH_BYTES", Some(self.relay_batch_bytes)),
+            ("RELAY_MAX_DELIVERIES", Some(self.relay_max_deliveries)),
             ("RELAY_MIGRATE", Some(self.relay_migrate)),
             ("RELAY_EXIT_WHEN_IDLE", Some(self.relay_exit_when_idle)),
             ("METRICS_ADDR", self.metrics_addr),
