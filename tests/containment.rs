@@ -1262,3 +1262,150 @@ async fn settling_waits_for_the_database_while_the_lease_lasts() {
     small.close().await;
     db.drop_db().await;
 }
+
+/// Point 8: a parked timer (no dead-letter table) gives up its id: a later
+/// timer of that id is written and fires, with `Ignore` and with `Replace`,
+/// instead of being swallowed by the parked row or written into it.
+#[tokio::test]
+async fn a_parked_timer_does_not_swallow_a_later_timer_of_its_id() {
+    use outbox::OnConflict;
+    let db = setup().await;
+    let pool = &db.pool;
+    let first = Message::json("timers", &"first")
+        .unwrap()
+        .timer_id("daily", OnConflict::Ignore)
+        .publish(pool)
+        .await
+        .unwrap()
+        .expect("written");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = seen.clone();
+    let handler = move |env: Arc<Envelope>, _ctx: Context| {
+        let s = s.clone();
+        async move {
+            s.lock().unwrap().push(env.id);
+            if env.payload == b"\"first\"" {
+                return Err(HandlerError::reject("first one fails"));
+            }
+            Ok(Output::none())
+        }
+    };
+    let running = App::manual(pool.clone())
+        .register(fast(Subscriber::new("timers", handler).queue("timers")).no_dlq())
+        .start()
+        .await
+        .unwrap();
+    eventually(
+        "the first timer parked",
+        Duration::from_secs(10),
+        || async {
+            count(
+                pool,
+                "select count(*) from outbox where parked_at is not null",
+            )
+            .await
+                == 1
+        },
+    )
+    .await;
+    let ignored = Message::json("timers", &"second")
+        .unwrap()
+        .timer_id("daily", OnConflict::Ignore)
+        .publish(pool)
+        .await
+        .unwrap()
+        .expect("a new timer is written beside the parked one");
+    eventually(
+        "the second timer fired",
+        Duration::from_secs(10),
+        || async { seen.lock().unwrap().contains(&ignored) },
+    )
+    .await;
+    let replaced = Message::json("timers", &"third")
+        .unwrap()
+        .timer_id("daily", OnConflict::Replace)
+        .publish(pool)
+        .await
+        .unwrap()
+        .expect("written");
+    assert_ne!(replaced, first, "not written into the parked row");
+    eventually("the third timer fired", Duration::from_secs(10), || async {
+        seen.lock().unwrap().contains(&replaced)
+    })
+    .await;
+    running.shutdown().await;
+    assert_eq!(
+        count(pool, "select count(*) from outbox").await,
+        1,
+        "only the parked row is left"
+    );
+    db.drop_db().await;
+}
+
+/// Point 17: on a database whose default isolation is SERIALIZABLE, claims
+/// racing for the same rows do not fail with serialization errors (they run
+/// at READ COMMITTED, which they assume), and every row is claimed once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_on_a_serializable_database_race_without_failing() {
+    let db = setup().await;
+    sqlx::query(&format!(
+        "alter database \"{}\" set default_transaction_isolation = 'serializable'",
+        db.name()
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    // New connections see the setting.
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&db.url)
+        .await
+        .unwrap();
+    let level: String = scalar(&pool, "select current_setting('transaction_isolation')").await;
+    assert_eq!(level, "serializable");
+    let msgs: Vec<Message> = (0..3000)
+        .map(|i| Message::json("race", &i).unwrap())
+        .collect();
+    outbox::Outbox::default()
+        .publish_batch(&pool, msgs)
+        .await
+        .unwrap();
+    let mut racers = Vec::new();
+    for _ in 0..4 {
+        let claimer = Claimer::new(pool.clone(), Tables::default(), vec!["race".into()])
+            .unwrap()
+            .with_batch_size(50);
+        racers.push(tokio::spawn(async move {
+            let (mut claimed, mut errors) = (Vec::new(), Vec::new());
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(30) {
+                match claimer.claim().await {
+                    Ok(b) if b.rows.is_empty() => break,
+                    Ok(b) => {
+                        let ids: Vec<i64> = b.rows.iter().map(|r| r.id).collect();
+                        claimer.ack_at(b.token, &b.positions, &ids).await.unwrap();
+                        claimed.extend(ids);
+                    }
+                    Err(e) => errors.push(e.to_string()),
+                }
+            }
+            (claimed, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    for r in racers {
+        let (claimed, errors) = r.await.unwrap();
+        assert!(
+            errors.is_empty(),
+            "claims failed: {:?}",
+            &errors[..errors.len().min(3)]
+        );
+        all.extend(claimed);
+    }
+    all.sort();
+    all.dedup();
+    assert_eq!(all.len(), 3000, "every row claimed once");
+    assert_eq!(count(&pool, "select count(*) from outbox").await, 0);
+    pool.close().await;
+    db.drop_db().await;
+}

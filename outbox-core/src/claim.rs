@@ -21,6 +21,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
+/// A statement with its parameters bound.
+type Statement<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
 /// A claimed batch: the lease token and the rows.
 #[derive(Debug)]
 pub struct Batch {
@@ -155,6 +158,9 @@ pub struct Claimer {
     lease_ttl_us: i64,
     claim_sql: String,
     tables: Tables,
+    /// Whether the database's default isolation is stricter than READ
+    /// COMMITTED (asked at the first claim).
+    stricter_isolation: Arc<tokio::sync::OnceCell<bool>>,
     ack_sql: String,
     ack_at_sql: String,
     renew_sql: String,
@@ -293,6 +299,7 @@ impl Claimer {
                 crate::subscriber::DEFAULT_MAX_BATCH_BYTES as i64,
             ),
             tables: tables.clone(),
+            stricter_isolation: Arc::new(tokio::sync::OnceCell::new()),
             ack_sql: sql::ack(tables),
             ack_at_sql: sql::ack_at(tables),
             renew_sql: sql::renew(tables),
@@ -352,15 +359,27 @@ impl Claimer {
             )
             .await?;
         let full = out.len() as i64 >= self.batch_size;
+        let mut rescanned = after.is_none();
         if let (Some(after), false) = (after, full) {
             // The rest from the oldest due row, up to where the first claim started.
             let rest = self.batch_size - out.len() as i64;
-            out.extend(self.claim_rows(token, rest, ClaimKey::FIRST, after).await?);
+            match self.claim_rows(token, rest, ClaimKey::FIRST, after).await {
+                Ok(more) => {
+                    out.extend(more);
+                    rescanned = true;
+                }
+                // The first statement's rows are claimed: handle them rather
+                // than leave them leased until their lease expires.
+                Err(e) if !out.is_empty() => {
+                    tracing::warn!(error = %e, rows = out.len(), "the second claim statement failed; handling what the first one claimed");
+                }
+                Err(e) => return Err(e),
+            }
         }
         if let Some(cursor) = &self.cursor {
             let last = out.iter().map(|(_, _, key)| *key).max();
             let mut c = cursor.lock().expect("cursor lock");
-            if after.is_none() || !full {
+            if rescanned {
                 c.rescanned = Instant::now();
             }
             c.after = if full { c.after.max(last) } else { None };
@@ -400,7 +419,7 @@ impl Claimer {
                 .bind(upper.id),
             ClaimScope::QueueOrdered | ClaimScope::Queues | ClaimScope::QueuesOrdered => q,
         };
-        let rows = q.fetch_all(&self.pool).await?;
+        let rows = self.fetch(q).await?;
         let by_id = self.scope == ClaimScope::All;
         Ok(rows
             .iter()
@@ -416,6 +435,56 @@ impl Claimer {
                 Ok((env, row.try_get::<RowPosition, _>(10)?, key))
             })
             .collect::<Result<Vec<_>, sqlx::Error>>()?)
+    }
+
+    /// Runs a statement of the claimer and returns its rows: as it is, or,
+    /// when the database's default isolation is stricter than READ COMMITTED
+    /// (`default_transaction_isolation`), in a transaction of its own at READ
+    /// COMMITTED. Claims and settles assume it: under REPEATABLE READ or
+    /// SERIALIZABLE, a claim racing another for the same rows, or an ack
+    /// beside a claim, fails with a serialization error instead of skipping
+    /// or following the other's update.
+    async fn fetch(&self, q: Statement<'_>) -> Result<Vec<sqlx::postgres::PgRow>, Error> {
+        if !self.read_committed_needed().await? {
+            return Ok(q.fetch_all(&self.pool).await?);
+        }
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(sql::SET_READ_COMMITTED)
+            .execute(&mut *tx)
+            .await?;
+        let rows = q.fetch_all(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(rows)
+    }
+
+    /// [`Claimer::fetch`] for a statement without rows.
+    async fn execute(&self, q: Statement<'_>) -> Result<sqlx::postgres::PgQueryResult, Error> {
+        if !self.read_committed_needed().await? {
+            return Ok(q.execute(&self.pool).await?);
+        }
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(sql::SET_READ_COMMITTED)
+            .execute(&mut *tx)
+            .await?;
+        let done = q.execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(done)
+    }
+
+    /// Whether statements run under a stricter isolation than READ
+    /// COMMITTED by default here; asked once, at the first claim.
+    async fn read_committed_needed(&self) -> Result<bool, Error> {
+        let pool = &self.pool;
+        self.stricter_isolation
+            .get_or_try_init(|| async move {
+                let level: String = sqlx::query_scalar(sql::ISOLATION).fetch_one(pool).await?;
+                if level != "read committed" {
+                    tracing::info!(isolation = %level, "the database's default isolation is not read committed; claims run in a read committed transaction of their own");
+                }
+                Ok::<_, Error>(level != "read committed")
+            })
+            .await
+            .copied()
     }
 
     /// Deletes handled rows found by the positions their claim returned;
@@ -441,11 +510,13 @@ impl Claimer {
                 ids.len()
             )));
         }
-        let done = sqlx::query(&self.ack_at_sql)
-            .bind(positions)
-            .bind(token)
-            .bind(ids)
-            .execute(&self.pool)
+        let done = self
+            .execute(
+                sqlx::query(&self.ack_at_sql)
+                    .bind(positions)
+                    .bind(token)
+                    .bind(ids),
+            )
             .await?
             .rows_affected();
         if (done as usize) < ids.len() {
@@ -462,12 +533,16 @@ impl Claimer {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        Ok(sqlx::query_scalar(&self.renew_sql)
+        let q = sqlx::query(&self.renew_sql)
             .bind(ids)
             .bind(token)
-            .bind(self.lease_ttl_us)
-            .fetch_all(&self.pool)
-            .await?)
+            .bind(self.lease_ttl_us);
+        use sqlx::Row;
+        self.fetch(q)
+            .await?
+            .iter()
+            .map(|r| r.try_get(0).map_err(Error::from))
+            .collect()
     }
 
     /// Deletes handled rows; returns how many were still held under `token`.
@@ -475,10 +550,8 @@ impl Claimer {
         if ids.is_empty() {
             return Ok(0);
         }
-        let done = sqlx::query(&self.ack_sql)
-            .bind(ids)
-            .bind(token)
-            .execute(&self.pool)
+        let done = self
+            .execute(sqlx::query(&self.ack_sql).bind(ids).bind(token))
             .await?;
         Ok(done.rows_affected())
     }
@@ -494,12 +567,14 @@ impl Claimer {
             .map(|r| r.delay.min(MAX_RETRY_DELAY).as_micros() as i64)
             .collect();
         let errs: Vec<Cow<'_, str>> = rows.iter().map(|r| storable(&r.error)).collect();
-        let done = sqlx::query(&self.nack_sql)
-            .bind(ids)
-            .bind(delays)
-            .bind(errs)
-            .bind(token)
-            .execute(&self.pool)
+        let done = self
+            .execute(
+                sqlx::query(&self.nack_sql)
+                    .bind(ids)
+                    .bind(delays)
+                    .bind(errs)
+                    .bind(token),
+            )
             .await?;
         Ok(done.rows_affected())
     }
@@ -525,12 +600,14 @@ impl Claimer {
         let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
         let reasons: Vec<&str> = rows.iter().map(|r| r.reason.as_str()).collect();
         let errs: Vec<Cow<'_, str>> = rows.iter().map(|r| storable(&r.error)).collect();
-        let done = sqlx::query(sql)
-            .bind(ids)
-            .bind(reasons)
-            .bind(errs)
-            .bind(token)
-            .execute(&self.pool)
+        let done = self
+            .execute(
+                sqlx::query(sql)
+                    .bind(ids)
+                    .bind(reasons)
+                    .bind(errs)
+                    .bind(token),
+            )
             .await?;
         Ok(done.rows_affected())
     }
@@ -540,10 +617,8 @@ impl Claimer {
         if ids.is_empty() {
             return Ok(0);
         }
-        let done = sqlx::query(&self.release_sql)
-            .bind(ids)
-            .bind(token)
-            .execute(&self.pool)
+        let done = self
+            .execute(sqlx::query(&self.release_sql).bind(ids).bind(token))
             .await?;
         Ok(done.rows_affected())
     }

@@ -75,6 +75,11 @@ const OUTBOX_MIGRATIONS: &[Migration] = &[
         name: "claim index ordered by (next_attempt_at, id)",
         sql: outbox_v4,
     },
+    Migration {
+        version: 5,
+        name: "parked timers release their timer ids",
+        sql: outbox_v5,
+    },
 ];
 
 const DLQ_MIGRATIONS: &[Migration] = &[Migration {
@@ -158,6 +163,17 @@ fn outbox_v4(t: &TableName) -> String {
         due_idx = t.ident("_due_idx"),
         o = t.quoted(),
         claim_idx = t.derived("_claim_idx"),
+    )
+}
+
+/// A parked row is no longer a pending timer: it gives its `timer_id` up
+/// (parking clears it from now on), so that a new timer of that id can be
+/// published instead of being swallowed by the parked row (`Ignore`) or
+/// written into it (`Replace`), where it would never fire.
+fn outbox_v5(t: &TableName) -> String {
+    format!(
+        "UPDATE {} SET timer_id = NULL WHERE parked_at IS NOT NULL AND timer_id IS NOT NULL;",
+        t.quoted()
     )
 }
 

@@ -313,11 +313,13 @@ pub(crate) fn dead_letter(t: &Tables, dlq: &crate::TableName) -> String {
     )
 }
 
-/// `$1` ids, `$2` reasons, `$3` errors, `$4` token: parks rows (no DLQ configured).
+/// `$1` ids, `$2` reasons, `$3` errors, `$4` token: parks rows (no DLQ
+/// configured). A parked timer gives up its `timer_id`, so that a new timer
+/// of that id is not swallowed by a row that will never fire.
 pub(crate) fn park(t: &Tables) -> String {
     format!(
         "WITH {ASYNC_COMMIT} \
-         UPDATE {o} o SET lease_token = NULL, lease_acquired_at = NULL, lease_expires_at = NULL, parked_at = now(), \
+         UPDATE {o} o SET lease_token = NULL, lease_acquired_at = NULL, lease_expires_at = NULL, parked_at = now(), timer_id = NULL, \
              attempts = least(o.attempts, 2147483646) + 1, failure_reason = u.reason, last_error = u.err \
          FROM unnest($1::int8[], $2::text[], $3::text[]) AS u(id, reason, err), sc \
          WHERE o.id = u.id AND o.lease_token = $4",
@@ -431,6 +433,13 @@ pub(crate) fn queue_stats(t: &Tables) -> String {
         o = t.outbox.quoted()
     )
 }
+
+/// The isolation level a statement of this session runs at by default.
+pub(crate) const ISOLATION: &str = "SELECT current_setting('transaction_isolation')";
+
+/// Claims assume READ COMMITTED: a row lock follows a concurrent update to
+/// the row's newest version instead of failing.
+pub(crate) const SET_READ_COMMITTED: &str = "SET TRANSACTION ISOLATION LEVEL READ COMMITTED";
 
 /// Readiness probe of the metrics endpoint.
 #[cfg_attr(not(feature = "prometheus"), allow(dead_code))]
