@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{count, eventually, TestDb};
+use common::{count, eventually, fast, TestDb};
 use futures::future::BoxFuture;
 use outbox::claim::{Claimer, RowPosition};
 use outbox::{
@@ -21,20 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 async fn setup() -> TestDb {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "outbox=error".into()),
-        )
-        .with_test_writer()
-        .try_init();
-    let db = TestDb::new().await;
-    outbox::migrate(&db.pool, &Tables::default()).await.unwrap();
-    db
-}
-
-fn fast(sub: Subscriber) -> Subscriber {
-    sub.poll_interval(Duration::from_millis(10), Duration::from_millis(50))
+    common::migrated("outbox=error").await
 }
 
 async fn scalar<T>(pool: &PgPool, sql: &str) -> T

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{count, eventually, TestDb};
+use common::{count, eventually, fast, TestDb};
 use futures::future::BoxFuture;
 use outbox::claim::{Claimer, Retry, Terminal};
 use outbox::{
@@ -18,16 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 async fn setup() -> TestDb {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "outbox=warn".into()),
-        )
-        .with_test_writer()
-        .try_init();
-    let db = TestDb::new().await;
-    outbox::migrate(&db.pool, &Tables::default()).await.unwrap();
-    db
+    common::migrated("outbox=warn").await
 }
 
 /// A pool of `n` connections to the test database (one "instance").
@@ -81,10 +72,6 @@ async fn publish_keyed(pool: &PgPool, queues: &[&str], per_queue: usize, keys: u
             .collect();
         Outbox::default().publish_batch(pool, msgs).await.unwrap();
     }
-}
-
-fn fast(sub: Subscriber) -> Subscriber {
-    sub.poll_interval(Duration::from_millis(10), Duration::from_millis(50))
 }
 
 #[tokio::test]

@@ -14,7 +14,7 @@
 mod common;
 
 use common::{count, create_topic, kafka_brokers, TestDb};
-use outbox::{App, Envelope, Error, HandlerError, Keyed, Message, Meta, State, Tables};
+use outbox::{App, Envelope, Error, HandlerError, Keyed, Message, Meta, State};
 use outbox_kafka as kafka;
 use outbox_kafka::{Broker, BrokerConfig};
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -195,18 +195,7 @@ async fn with_context(
 // ---------------------------------------------------------------------------
 
 async fn setup() -> TestDb {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "outbox=info".into()),
-        )
-        .with_test_writer()
-        .try_init();
-    let db = TestDb::new().await;
-    outbox::migrate(&db.pool, &Tables::default())
-        .await
-        .expect("migrate");
-    db
+    common::migrated("outbox=info").await
 }
 
 fn broker() -> Broker {

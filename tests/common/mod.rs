@@ -342,3 +342,25 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A fresh database ([`TestDb::new`]) with the default outbox and dead-letter
+/// tables, and test logging (`RUST_LOG`, else `default_filter`) set up once.
+pub async fn migrated(default_filter: &str) -> TestDb {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_filter.into()),
+        )
+        .with_test_writer()
+        .try_init();
+    let db = TestDb::new().await;
+    outbox::migrate(&db.pool, &outbox::Tables::default())
+        .await
+        .expect("migrate");
+    db
+}
+
+/// `sub` polling every 10 to 50 ms, so that tests do not wait for wake-ups.
+pub fn fast(sub: outbox::Subscriber) -> outbox::Subscriber {
+    sub.poll_interval(Duration::from_millis(10), Duration::from_millis(50))
+}
