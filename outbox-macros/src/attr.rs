@@ -538,18 +538,32 @@ fn suggest(name: &str) -> Option<&'static str> {
         .map(|(_, o)| o)
 }
 
+/// Edit distance in which swapping two neighbouring letters counts as one
+/// edit (optimal string alignment), so that `retyr` is one edit from `retry`.
 fn edit_distance(a: &str, b: &str) -> usize {
+    let a: Vec<char> = a.chars().collect();
     let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let cost = usize::from(ca != *cb);
-            cur.push((prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1));
-        }
-        prev = cur;
+    // d[i][j]: distance between the first i letters of a and the first j of b.
+    let mut d = vec![vec![0usize; b.len() + 1]; a.len() + 1];
+    for (i, row) in d.iter_mut().enumerate() {
+        row[0] = i;
     }
-    prev[b.len()]
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
+    }
+    for i in 1..=a.len() {
+        for j in 1..=b.len() {
+            let cost = usize::from(a[i - 1] != b[j - 1]);
+            let mut best = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
+            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
+                best = best.min(d[i - 2][j - 2] + 1);
+            }
+            d[i][j] = best;
+        }
+    }
+    d[a.len()][b.len()]
 }
 
 #[cfg(test)]
@@ -598,6 +612,10 @@ mod tests {
         assert_eq!(suggest("concurency"), Some("concurrency"));
         assert_eq!(suggest("batchsize"), Some("batch_size"));
         assert_eq!(suggest("xyz"), None);
+        // A swap of two neighbouring letters is one edit.
+        assert_eq!(suggest("retyr"), Some("retry"));
+        assert_eq!(suggest("odrered"), Some("ordered"));
+        assert_eq!(suggest("max_delivereis"), Some("max_deliveries"));
     }
 
     #[test]
