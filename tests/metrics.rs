@@ -336,10 +336,23 @@ async fn a_running_app_exports_what_it_does() {
     let (_, body) = get(addr, "/metrics").await;
     let samples = parse(&body);
     assert_eq!(
-        value(&samples, "outbox_rejected_total", &[("queue", "m_spent")]),
+        value(
+            &samples,
+            "outbox_rejected_total",
+            &[("queue", "m_spent"), ("reason", "retries_exhausted")]
+        ),
         None,
         "retries_exhausted is not a rejection"
     );
+    let rejected_spent: f64 = samples
+        .iter()
+        .filter(|s| {
+            s.name == "outbox_rejected_total"
+                && s.labels.get("queue").map(String::as_str) == Some("m_spent")
+        })
+        .map(|s| s.value)
+        .sum();
+    assert_eq!(rejected_spent, 0.0, "the spent row counts as no rejection");
     let lag = value(
         &samples,
         "outbox_oldest_pending_seconds",
@@ -526,5 +539,98 @@ async fn a_taken_address_fails_the_start_unless_best_effort() {
     assert_eq!(running.metrics_addr(), None, "running without the endpoint");
     running.shutdown().await;
     drop(taken);
+    db.drop_db().await;
+}
+
+/// Counters exist from start-up at zero, for every queue a subscriber names
+/// and every reason, and for the queues of an every-queue subscriber (the
+/// relay) once the sampler has seen them: an alert on
+/// `increase(outbox_dead_lettered_total[1h]) > 0` sees the first dead letter
+/// after a restart, not a series that starts with it.
+#[tokio::test]
+async fn counters_exist_at_zero_from_start_up() {
+    logs();
+    let db = TestDb::new().await;
+    outbox::migrate(&db.pool, &Tables::default()).await.unwrap();
+    // A row of another queue, not yet due, for the every-queue subscriber.
+    Message::json("z_other", &1)
+        .unwrap()
+        .activate_in(Duration::from_secs(3600))
+        .publish(&db.pool)
+        .await
+        .unwrap();
+    let endpoint = || {
+        Endpoint::new("127.0.0.1:0".parse().unwrap()).sample_interval(Duration::from_millis(200))
+    };
+    let running = App::manual(db.pool.clone())
+        .register(sub("z_named_handler", "z_named", |_| Ok(Output::none())))
+        .metrics_endpoint(endpoint())
+        .start()
+        .await
+        .unwrap();
+    let addr = running.metrics_addr().expect("metrics are on");
+    let (_, body) = get(addr, "/metrics").await;
+    let samples = parse(&body);
+    for name in [
+        "outbox_claimed_total",
+        "outbox_handled_total",
+        "outbox_retried_total",
+    ] {
+        assert_eq!(
+            value(&samples, name, &[("queue", "z_named")]),
+            Some(0.0),
+            "{name}"
+        );
+    }
+    for reason in [
+        "deserialize",
+        "rejected",
+        "retries_exhausted",
+        "publish_rejected",
+        "crashed",
+    ] {
+        assert_eq!(
+            value(
+                &samples,
+                "outbox_dead_lettered_total",
+                &[("queue", "z_named"), ("reason", reason)]
+            ),
+            Some(0.0),
+            "dead-lettered, {reason}"
+        );
+    }
+    running.shutdown().await;
+
+    // The relay's form: every queue, named by the rows the sampler sees.
+    let running = App::manual(db.pool.clone())
+        .register(
+            Subscriber::new(
+                "z_all_handler",
+                |_env: Arc<Envelope>, _ctx: Context| async { Ok(Output::none()) },
+            )
+            .all_queues(),
+        )
+        .metrics_endpoint(endpoint())
+        .start()
+        .await
+        .unwrap();
+    let addr = running.metrics_addr().expect("metrics are on");
+    eventually(
+        "the sampler's queue has its counters",
+        Duration::from_secs(10),
+        || async {
+            let (_, body) = get(addr, "/metrics").await;
+            match value(
+                &parse(&body),
+                "outbox_dead_lettered_total",
+                &[("queue", "z_other"), ("reason", "crashed")],
+            ) {
+                Some(v) if v == 0.0 => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    running.shutdown().await;
     db.drop_db().await;
 }

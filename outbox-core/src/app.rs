@@ -353,6 +353,14 @@ impl App {
                 stop_rx.clone(),
             ));
         }
+        // Counters exist from start-up, at zero, for any recorder installed.
+        for s in &subs {
+            if let Queues::Named(queues) = &s.queues {
+                for q in queues {
+                    crate::metrics::zero_counters(q);
+                }
+            }
+        }
         for s in subs {
             let dlq = s.dlq.as_deref().map(TableName::new).transpose()?;
             let queues = match &s.queues {

@@ -119,6 +119,15 @@ pub enum FailureReason {
 }
 
 impl FailureReason {
+    /// Every reason, in the order the docs list them.
+    pub const ALL: [FailureReason; 5] = [
+        FailureReason::Deserialize,
+        FailureReason::Rejected,
+        FailureReason::RetriesExhausted,
+        FailureReason::PublishRejected,
+        FailureReason::Crashed,
+    ];
+
     /// The reason as stored in the `failure_reason` column.
     pub fn as_str(self) -> &'static str {
         match self {

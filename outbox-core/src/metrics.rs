@@ -56,8 +56,8 @@ pub const RETRIED_TOTAL: &str = "outbox_retried_total";
 /// dead-letter table, or parked when there is none).
 pub const DEAD_LETTERED_TOTAL: &str = "outbox_dead_lettered_total";
 /// Counter: the dead-lettered rows that skipped the retries because the error
-/// was permanent (`deserialize`, `rejected`, `publish_rejected`), by `queue`
-/// and `reason`.
+/// was permanent (`deserialize`, `rejected`, `publish_rejected`) or the row
+/// crashed its process (`crashed`), by `queue` and `reason`.
 pub const REJECTED_TOTAL: &str = "outbox_rejected_total";
 /// Counter: headers of a row dropped because their name is reserved for the
 /// runtime (`outbox-id`, `outbox-queue`, ...; written by another producer).
@@ -255,6 +255,10 @@ pub(crate) async fn run_sampler(
                 }
                 let mut now = HashSet::with_capacity(queues.len());
                 for q in queues {
+                    if !known.contains(&q.queue) {
+                        // A queue first seen here (every queue, for the relay).
+                        zero_counters(&q.queue);
+                    }
                     set_row_gauges(
                         &q.queue,
                         [
@@ -290,6 +294,25 @@ fn set_row_gauges(queue: &str, [pending, oldest, parked, dlq]: [f64; 4]) {
     metrics::gauge!(OLDEST_PENDING_SECONDS, "queue" => q.clone()).set(oldest);
     metrics::gauge!(PARKED_ROWS, "queue" => q.clone()).set(parked);
     metrics::gauge!(DLQ_ROWS, "queue" => q).set(dlq);
+}
+
+/// Creates the counters of `queue` at zero (handled, claimed, retried, and
+/// dead-lettered and rejected for every reason), so that they exist from
+/// start-up: `increase(outbox_dead_lettered_total[1h]) > 0` then sees the
+/// first dead letter after a restart too, instead of a series that begins
+/// with it.
+pub(crate) fn zero_counters(queue: &str) {
+    for name in [CLAIMED_TOTAL, HANDLED_TOTAL, RETRIED_TOTAL] {
+        metrics::counter!(name, "queue" => queue.to_owned()).increment(0);
+    }
+    for reason in crate::FailureReason::ALL {
+        metrics::counter!(DEAD_LETTERED_TOTAL, "queue" => queue.to_owned(), "reason" => reason.as_str())
+            .increment(0);
+        if reason != crate::FailureReason::RetriesExhausted {
+            metrics::counter!(REJECTED_TOTAL, "queue" => queue.to_owned(), "reason" => reason.as_str())
+                .increment(0);
+        }
+    }
 }
 
 /// Adds one to counter `name` per item, with one `increment` per distinct
