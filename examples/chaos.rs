@@ -3,17 +3,42 @@
 //! For each mode (`relay`: two `outbox-relay` processes; `handler`: two
 //! `chaos_handler` processes, a subscriber with a stacked `#[kafka::publisher]`)
 //! the driver publishes N uniquely numbered messages, each in the same
-//! transaction as a business row (`chaos_published`), and meanwhile:
+//! transaction as a business row (`chaos_published`), and meanwhile, in random
+//! order, one after the other:
 //!
 //! * `kill -9`s one of the two instances 3 times at random moments, starting
 //!   it again each time,
 //! * restarts Kafka twice and PostgreSQL once (`scripts/services restart ...`),
+//! * pauses the Kafka broker (`kill -STOP` of its java process, found by
+//!   `scripts/services`' pid file or command-line marker) for 10 s longer than
+//!   the instances' lease (relay: 30 s, handler: 15 s), then `kill -CONT`s it:
+//!   the instances renew their leases while their sends hang, so the other
+//!   instance takes nothing over. The driver sends CONT on every path out of
+//!   the pause (an error, a panic, SIGINT/SIGTERM), and `scripts/chaos` sends
+//!   it again when it exits,
+//! * runs `VACUUM FULL outbox` once while the instances drain it: 1 to 3 s
+//!   after the Kafka pause, while its backlog drains (with `--no-restarts`, at
+//!   a random moment), and only once rows are leased (it waits up to 10 s for
+//!   them). The table is rewritten between claims and acks, and an ack that
+//!   deleted the wrong row would show as a lost number,
+//! * handler mode only: publishes one poison row (`n` = `u64::MAX`, in its
+//!   own transaction with a business row in `chaos_poison`), whose handler
+//!   aborts the process. The fleet counts an instance that dies of it (SIGABRT
+//!   and the handler's "poison message" line in its log) as a crash and starts
+//!   it again; the runtime must dead-letter the row as `crashed` after at
+//!   most `max_deliveries` (3 in `chaos_handler`) such crashes,
 //!
 //! then waits until the outbox is empty, stops both instances with SIGTERM and
 //! reads the topic with a fresh consumer from the beginning (up to the high
-//! watermarks). It prints per mode: N, kills, restarts, lost, duplicates and
-//! times, and exits non-zero when a number is lost, the outbox or the
-//! dead-letter table is not empty, or an instance crashed or stopped uncleanly.
+//! watermarks). It prints per mode: N, kills, crashes, restarts, the Kafka
+//! pause, the VACUUM FULL, lost, duplicates (with their bound: the rows an
+//! instance can have in flight, workers x batch size, times the disturbances
+//! that can make them go out twice) and times. It exits non-zero when a number
+//! is lost, the duplicates exceed the bound, the outbox is not empty, the
+//! dead-letter table holds anything but the poison row (with reason
+//! `crashed`), the poison row reached the topic, the poison crashed the
+//! instances more than `max_deliveries` times, or an instance crashed
+//! otherwise or stopped uncleanly.
 //!
 //! The publisher survives the PostgreSQL restart: a failed transaction is
 //! retried; when the outcome of a commit is unknown the business rows are
@@ -27,17 +52,20 @@
 //! ```
 //!
 //! Options: `--n N`, `--mode relay|handler|both`, `--window SECS` (the
-//! publishing time the events are spread over), `--no-restarts` (kills only,
-//! leaves the shared services alone), `--no-kills`, `--seed S`,
+//! publishing time the events are spread over), `--no-restarts` (no service
+//! restarts and no Kafka pause: leaves the shared services alone),
+//! `--no-kills`, `--no-poison`, `--no-vacuum`, `--seed S`,
 //! `--drain-timeout SECS`, `--relay-bin PATH`, `--handler-bin PATH`,
 //! `--keep-db`. Environment: `DATABASE_URL` (admin URL; the run uses databases
 //! `outbox_chaos_relay` and `outbox_chaos_handler` next to it), `KAFKA_BROKERS`,
-//! `OUTBOX_REPO` (for `scripts/services`).
+//! `OUTBOX_REPO` (for `scripts/services`), `KAFKA_CACHE_DIR` (where
+//! `scripts/services` keeps the broker's pid file).
 
 use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -65,6 +93,26 @@ const HANDLER_TOPIC: &str = "chaos.handler";
 const PARTITIONS: i32 = 3;
 /// Numbers per publish transaction.
 const BATCH: usize = 200;
+/// The number of the poison message (`POISON` in `examples/chaos_handler.rs`).
+const POISON: u64 = u64::MAX;
+/// What `examples/chaos_handler.rs` sets (checked against the settings line
+/// it prints): its lease, and the deliveries without a settlement after which
+/// a row is dead-lettered as `crashed`.
+const HANDLER_LEASE: Duration = Duration::from_secs(15);
+const HANDLER_MAX_DELIVERIES: u32 = 3;
+const HANDLER_BATCH_SIZE: u64 = 500;
+const HANDLER_WORKERS: u64 = 2;
+const HANDLER_WRITE_TIMEOUT: Duration = Duration::from_secs(8);
+/// The relay's settings, passed to it in its environment. Its lease is
+/// derived from the write timeout (`outbox-kafka/src/relay.rs`: twice the
+/// write timeout plus 10 s, at least `outbox::DEFAULT_LEASE_TTL`).
+const RELAY_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+const RELAY_BATCH_SIZE: u64 = 500;
+const RELAY_WORKERS: u64 = 2;
+/// How much longer than the lease the Kafka broker is paused.
+const PAUSE_OVER_LEASE: Duration = Duration::from_secs(10);
+/// On the command line of the broker `scripts/services` starts.
+const KAFKA_MARKER: &str = "-Doutbox.services=kafka-broker";
 
 /// One numbered message (the payload on the outbox and on Kafka).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -86,6 +134,23 @@ impl Mode {
             Mode::Handler => "handler",
         }
     }
+
+    /// The instances' lease, which the Kafka pause exceeds.
+    fn lease(self) -> Duration {
+        match self {
+            Mode::Relay => {
+                (RELAY_WRITE_TIMEOUT * 2 + Duration::from_secs(10)).max(outbox::DEFAULT_LEASE_TTL)
+            }
+            Mode::Handler => HANDLER_LEASE,
+        }
+    }
+
+    fn write_timeout(self) -> Duration {
+        match self {
+            Mode::Relay => RELAY_WRITE_TIMEOUT,
+            Mode::Handler => HANDLER_WRITE_TIMEOUT,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -95,6 +160,8 @@ struct Opts {
     window: Duration,
     restarts: bool,
     kills: bool,
+    poison: bool,
+    vacuum: bool,
     seed: u64,
     drain_timeout: Duration,
     relay_bin: PathBuf,
@@ -104,7 +171,7 @@ struct Opts {
 
 fn usage() -> &'static str {
     "usage: chaos [--n N] [--mode relay|handler|both] [--window SECS] [--no-restarts] [--no-kills] \
-     [--seed S] [--drain-timeout SECS] [--relay-bin PATH] [--handler-bin PATH] [--keep-db]"
+     [--no-poison] [--no-vacuum] [--seed S] [--drain-timeout SECS] [--relay-bin PATH] [--handler-bin PATH] [--keep-db]"
 }
 
 fn parse_opts() -> Result<Opts, String> {
@@ -121,6 +188,8 @@ fn parse_opts() -> Result<Opts, String> {
         window: Duration::from_secs(60),
         restarts: true,
         kills: true,
+        poison: true,
+        vacuum: true,
         seed: seed_from_uuid(),
         drain_timeout: Duration::from_secs(300),
         relay_bin: profile_dir.join("outbox-relay"),
@@ -167,6 +236,8 @@ fn parse_opts() -> Result<Opts, String> {
             "--seed" => o.seed = num("--seed", value("--seed")?)?,
             "--no-restarts" => o.restarts = false,
             "--no-kills" => o.kills = false,
+            "--no-poison" => o.poison = false,
+            "--no-vacuum" => o.vacuum = false,
             "--relay-bin" => o.relay_bin = value("--relay-bin")?.into(),
             "--handler-bin" => o.handler_bin = value("--handler-bin")?.into(),
             "--keep-db" => o.keep_db = true,
@@ -304,6 +375,10 @@ async fn fresh_database(name: &str) -> Result<(PgPool, String), BoxError> {
     sqlx::query("CREATE TABLE chaos_published (n bigint PRIMARY KEY)")
         .execute(&pool)
         .await?;
+    // The business row of the poison message: its outbox id.
+    sqlx::query("CREATE TABLE chaos_poison (outbox_id bigint PRIMARY KEY)")
+        .execute(&pool)
+        .await?;
     Ok((pool, url))
 }
 
@@ -394,6 +469,62 @@ async fn publish_confirmed(pool: &PgPool, run: &str, nums: &[i64], stats: &Publi
         .fetch_add(nums.len() as u64, Ordering::Relaxed);
 }
 
+/// Publishes the poison message like the others (with a business row, in one
+/// transaction), until its commit is known to have succeeded; its outbox id.
+async fn publish_poison(pool: &PgPool, run: &str) -> Result<i64, BoxError> {
+    let mut backoff = Duration::from_millis(50);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let attempt = async {
+            let mut tx = pool.begin().await?;
+            let msg = Message::json(
+                QUEUE,
+                &Numbered {
+                    run: run.to_owned(),
+                    n: POISON,
+                },
+            )?;
+            let ids = Outbox::default().publish_batch(&mut *tx, vec![msg]).await?;
+            let id = *ids.first().ok_or("publish_batch returned no id")?;
+            sqlx::query("INSERT INTO chaos_poison (outbox_id) VALUES ($1)")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok::<i64, BoxError>(id)
+        };
+        let error = match attempt.await {
+            Ok(id) => return Ok(id),
+            Err(e) => e,
+        };
+        eprintln!("chaos: publish of the poison row: {error}; checking");
+        // Did the commit happen after all? Ask until the database answers.
+        let present = loop {
+            match sqlx::query_scalar::<_, i64>("SELECT outbox_id FROM chaos_poison LIMIT 1")
+                .fetch_optional(pool)
+                .await
+            {
+                Ok(v) => break v,
+                Err(e) if Instant::now() > deadline => {
+                    return Err(format!("publish of the poison row: {error}; lookup: {e}").into())
+                }
+                Err(_) => {
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+            }
+        };
+        if let Some(id) = present {
+            return Ok(id);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("publish of the poison row: {error}").into());
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(1));
+    }
+}
+
 /// Publishes 0..n in transactions of [`BATCH`], paced over `window`. The last
 /// 5 % wait until the chaos task is done, so every event hits a publisher
 /// that is still at work.
@@ -427,8 +558,40 @@ async fn publisher(
 
 // ---------------------------------------------------------------- instances
 
+/// The events of a mode, as printed, in the order they happened (the chaos
+/// task and the fleet's supervisor both write to it).
+#[derive(Clone)]
+struct EventLog {
+    start: Instant,
+    lines: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl EventLog {
+    fn new(start: Instant) -> Self {
+        Self {
+            start,
+            lines: Arc::default(),
+        }
+    }
+
+    /// Prints `what` with the time since the mode started, and keeps it.
+    fn push(&self, what: impl std::fmt::Display) {
+        let line = format!("{} {what}", stamp(self.start));
+        println!("chaos: {line}");
+        self.lines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(line);
+    }
+
+    fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
 struct Instance {
     child: Child,
+    pid: u32,
     spawned: u32,
     /// Killed by the chaos task and waiting to be started again.
     killed: bool,
@@ -441,33 +604,77 @@ struct Fleet {
     log_dir: PathBuf,
     instances: Vec<Instance>,
     kills: u32,
+    /// Whether an instance may die of the poison message (handler mode).
+    poison_expected: bool,
+    /// Instances that aborted on the poison message (each started again).
+    poison_crashes: u32,
     unexpected_exits: Vec<String>,
+    log: EventLog,
 }
 
 impl Fleet {
-    fn spawn(&self, idx: usize, generation: u32) -> Result<Child, BoxError> {
-        let log_path = self
-            .log_dir
-            .join(format!("{}-{idx}-{generation}.log", self.mode.name()));
-        let log = std::fs::File::create(&log_path)?;
+    fn log_path(&self, idx: usize, generation: u32) -> PathBuf {
+        self.log_dir
+            .join(format!("{}-{idx}-{generation}.log", self.mode.name()))
+    }
+
+    fn spawn(&self, idx: usize, generation: u32) -> Result<Instance, BoxError> {
+        let log = std::fs::File::create(self.log_path(idx, generation))?;
         let mut cmd = Command::new(&self.bin);
         cmd.envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             .kill_on_drop(true);
-        Ok(cmd.spawn()?)
+        let child = cmd.spawn()?;
+        Ok(Instance {
+            pid: child.id().unwrap_or(0),
+            child,
+            spawned: generation,
+            killed: false,
+        })
     }
 
     fn start(&mut self, count: usize) -> Result<(), BoxError> {
         for idx in 0..count {
-            let child = self.spawn(idx, 0)?;
-            self.instances.push(Instance {
-                child,
-                spawned: 0,
-                killed: false,
-            });
+            let inst = self.spawn(idx, 0)?;
+            self.instances.push(inst);
         }
+        Ok(())
+    }
+
+    /// Whether instance `idx` died of the poison message: aborted (SIGABRT)
+    /// after the handler said so in its log.
+    fn died_of_poison(&self, idx: usize, status: ExitStatus) -> bool {
+        const SIGABRT: i32 = 6;
+        self.poison_expected
+            && status.signal() == Some(SIGABRT)
+            && std::fs::read(self.log_path(idx, self.instances[idx].spawned))
+                .map(|log| String::from_utf8_lossy(&log).contains("chaos_handler: poison message"))
+                .unwrap_or(false)
+    }
+
+    /// Records the exit of instance `idx` (not killed by the driver) and
+    /// starts it again: a crash on the poison message is counted, any other
+    /// exit is a problem.
+    fn exited(&mut self, idx: usize, status: ExitStatus) -> Result<(), BoxError> {
+        let (pid, spawned) = (self.instances[idx].pid, self.instances[idx].spawned);
+        if self.died_of_poison(idx, status) {
+            self.poison_crashes += 1;
+            self.log.push(format!(
+                "instance {idx} (pid {pid}) aborted on the poison message (crash {}); starting it again",
+                self.poison_crashes
+            ));
+        } else {
+            let what = format!(
+                "{} instance {idx} (pid {pid}, start {spawned}) exited on its own: {status}; log {}",
+                self.mode.name(),
+                self.log_path(idx, spawned).display()
+            );
+            self.log.push(&what);
+            self.unexpected_exits.push(what);
+        }
+        self.instances[idx] = self.spawn(idx, spawned + 1)?;
         Ok(())
     }
 
@@ -478,45 +685,30 @@ impl Fleet {
                 continue;
             }
             if let Some(status) = self.instances[idx].child.try_wait()? {
-                let generation = self.instances[idx].spawned + 1;
-                self.unexpected_exits.push(format!(
-                    "{} instance {idx} (start {}) exited on its own: {status}; log {}",
-                    self.mode.name(),
-                    self.instances[idx].spawned,
-                    self.log_dir
-                        .join(format!(
-                            "{}-{idx}-{}.log",
-                            self.mode.name(),
-                            self.instances[idx].spawned
-                        ))
-                        .display()
-                ));
-                self.instances[idx] = Instance {
-                    child: self.spawn(idx, generation)?,
-                    spawned: generation,
-                    killed: false,
-                };
+                self.exited(idx, status)?;
             }
         }
         Ok(())
     }
 
-    async fn kill9(&mut self, idx: usize) -> Result<(), BoxError> {
+    /// `kill -9` of instance `idx`; false when it had exited on its own
+    /// already (recorded and started again by [`Fleet::exited`]).
+    async fn kill9(&mut self, idx: usize) -> Result<bool, BoxError> {
+        if let Some(status) = self.instances[idx].child.try_wait()? {
+            self.exited(idx, status)?;
+            return Ok(false);
+        }
         let inst = &mut self.instances[idx];
         inst.child.start_kill()?;
         inst.child.wait().await?;
         inst.killed = true;
         self.kills += 1;
-        Ok(())
+        Ok(true)
     }
 
     fn respawn(&mut self, idx: usize) -> Result<(), BoxError> {
         let generation = self.instances[idx].spawned + 1;
-        self.instances[idx] = Instance {
-            child: self.spawn(idx, generation)?,
-            spawned: generation,
-            killed: false,
-        };
+        self.instances[idx] = self.spawn(idx, generation)?;
         Ok(())
     }
 
@@ -554,14 +746,27 @@ impl Fleet {
 enum Event {
     Kill,
     Restart(&'static str),
+    /// `kill -STOP` of the Kafka broker for this long, then `kill -CONT`.
+    PauseKafka(Duration),
+    /// `VACUUM FULL` of the outbox table.
+    VacuumFull,
+    /// The poison message (handler mode).
+    Poison,
 }
 
 #[derive(Default, Debug)]
 struct ChaosStats {
     kafka_restarts: u32,
     pg_restarts: u32,
+    /// How long each Kafka restart took (stop and start).
+    kafka_outages: Vec<Duration>,
+    /// How long the broker was stopped, for each pause.
+    kafka_pauses: Vec<Duration>,
+    /// Each VACUUM FULL.
+    vacuums: Vec<Vacuum>,
+    /// The outbox id of the poison row, once published.
+    poison_id: Option<i64>,
     restart_failures: Vec<String>,
-    log: Vec<String>,
 }
 
 async fn services(action: &str, service: &str) -> Result<Duration, String> {
@@ -585,14 +790,181 @@ async fn services(action: &str, service: &str) -> Result<Duration, String> {
     }
 }
 
-/// Runs the events one after the other, each after its pause; says when done.
-async fn chaos(
+/// The pid of the broker `scripts/services` started: its pid file when that
+/// names a process with the broker's command-line marker, else the only
+/// process with the marker.
+fn kafka_broker_pid() -> Result<u32, String> {
+    let is_broker = |pid: u32| {
+        std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| {
+                c.split(|&b| b == 0)
+                    .any(|arg| arg == KAFKA_MARKER.as_bytes())
+            })
+            .unwrap_or(false)
+    };
+    let cache = std::env::var_os("KAFKA_CACHE_DIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_dir().join(".cache").join("kafka"));
+    if let Ok(text) = std::fs::read_to_string(cache.join("kafka.pid")) {
+        if let Ok(pid) = text.trim().parse::<u32>() {
+            if is_broker(pid) {
+                return Ok(pid);
+            }
+        }
+    }
+    let found: Vec<u32> = std::fs::read_dir("/proc")
+        .map_err(|e| format!("/proc: {e}"))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| is_broker(pid))
+        .collect();
+    match found[..] {
+        [pid] => Ok(pid),
+        [] => Err(format!(
+            "no Kafka broker started by scripts/services is running (no process with {KAFKA_MARKER})"
+        )),
+        _ => Err(format!(
+            "{} Kafka brokers started by scripts/services are running ({found:?}); not pausing any",
+            found.len()
+        )),
+    }
+}
+
+/// The pid of the broker while it is stopped, for the signal handler.
+static STOPPED_BROKER: AtomicU32 = AtomicU32::new(0);
+
+/// `kill -CONT` of `pid`.
+fn resume_broker(pid: u32) -> Result<(), String> {
+    let status = std::process::Command::new("kill")
+        .args(["-CONT", &pid.to_string()])
+        .status()
+        .map_err(|e| format!("kill -CONT {pid}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("kill -CONT {pid}: {status}"))
+    }
+}
+
+/// A stopped Kafka broker: resumed when dropped, so that no path out of the
+/// pause (an error, a panic, a cancelled task) leaves it stopped. SIGINT and
+/// SIGTERM of the driver resume it too (see `main`).
+struct StoppedBroker {
+    pid: u32,
+}
+
+impl StoppedBroker {
+    fn stop(pid: u32) -> Result<Self, String> {
+        STOPPED_BROKER.store(pid, Ordering::SeqCst);
+        let guard = StoppedBroker { pid };
+        let status = std::process::Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .map_err(|e| format!("kill -STOP {pid}: {e}"))?;
+        if !status.success() {
+            return Err(format!("kill -STOP {pid}: {status}"));
+        }
+        Ok(guard)
+    }
+
+    fn resume(self) -> Result<(), String> {
+        let pid = self.pid;
+        std::mem::forget(self);
+        STOPPED_BROKER.store(0, Ordering::SeqCst);
+        resume_broker(pid)
+    }
+}
+
+impl Drop for StoppedBroker {
+    fn drop(&mut self) {
+        STOPPED_BROKER.store(0, Ordering::SeqCst);
+        if let Err(e) = resume_broker(self.pid) {
+            eprintln!("chaos: {e}: resume it by hand (kill -CONT {})", self.pid);
+        }
+    }
+}
+
+/// One `VACUUM FULL` of the outbox.
+#[derive(Debug, Clone)]
+struct Vacuum {
+    took: Duration,
+    /// Rows in the outbox just before it, and how many of them were leased
+    /// (claimed in the last 5 s and not yet acknowledged).
+    rows: i64,
+    leased: i64,
+    /// Of those leased rows, how many were still leased right after it: their
+    /// acknowledgement comes after the rewrite.
+    leased_after: i64,
+    /// How long it waited for rows in flight.
+    waited: Duration,
+}
+
+/// `VACUUM FULL outbox` while rows are in flight: waits (up to 10 s) until
+/// some rows are leased, claimed in the last 5 s (not the lease of a killed
+/// instance, waiting to expire) and not the poison row, so that the rewrite falls between their
+/// claim and their acknowledgement. Retried for a minute on errors.
+async fn vacuum_full(pool: &PgPool, poison_id: Option<i64>) -> Result<Vacuum, BoxError> {
+    retrying("VACUUM FULL outbox", Duration::from_secs(60), || async {
+        let began = Instant::now();
+        let (leased_ids, rows) = loop {
+            let (ids, rows): (Vec<i64>, i64) = sqlx::query_as(
+                "SELECT coalesce(array_agg(id) FILTER (WHERE lease_token IS NOT NULL \
+                 AND lease_acquired_at > now() - interval '5 seconds' AND id IS DISTINCT FROM $1), '{}'), \
+                 count(*) FROM outbox",
+            )
+            .bind(poison_id)
+            .fetch_one(pool)
+            .await?;
+            if !ids.is_empty() || began.elapsed() > Duration::from_secs(10) {
+                break (ids, rows);
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let waited = began.elapsed();
+        let started = Instant::now();
+        sqlx::raw_sql("VACUUM FULL outbox").execute(pool).await?;
+        let took = started.elapsed();
+        let leased_after: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM outbox WHERE id = ANY($1) AND lease_token IS NOT NULL",
+        )
+        .bind(&leased_ids)
+        .fetch_one(pool)
+        .await?;
+        Ok(Vacuum {
+            took,
+            rows,
+            leased: leased_ids.len() as i64,
+            leased_after,
+            waited,
+        })
+    })
+    .await
+}
+
+/// What the chaos task works with.
+struct ChaosCtx {
     fleet: Arc<Mutex<Fleet>>,
     events: Vec<(Duration, Event)>,
-    mut rng: Rng,
-    start: Instant,
+    rng: Rng,
+    log: EventLog,
+    pool: PgPool,
+    run: String,
+    lease: Duration,
     done: tokio::sync::watch::Sender<bool>,
-) -> ChaosStats {
+}
+
+/// Runs the events one after the other, each after its pause; says when done.
+async fn chaos(ctx: ChaosCtx) -> ChaosStats {
+    let ChaosCtx {
+        fleet,
+        events,
+        mut rng,
+        log,
+        pool,
+        run,
+        lease,
+        done,
+    } = ctx;
     let mut stats = ChaosStats::default();
     for (pause, event) in events {
         tokio::time::sleep(pause).await;
@@ -600,14 +972,21 @@ async fn chaos(
             Event::Kill => {
                 let mut f = fleet.lock().await;
                 let idx = rng.below(f.instances.len());
-                let pid = f.instances[idx].child.id().unwrap_or(0);
-                if let Err(e) = f.kill9(idx).await {
-                    stats.restart_failures.push(format!("kill -9 {pid}: {e}"));
-                    continue;
+                let pid = f.instances[idx].pid;
+                match f.kill9(idx).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        log.push(format!(
+                            "kill -9 instance {idx}: it had exited already (started again)"
+                        ));
+                        continue;
+                    }
+                    Err(e) => {
+                        stats.restart_failures.push(format!("kill -9 {pid}: {e}"));
+                        continue;
+                    }
                 }
-                let line = format!("{} kill -9 instance {idx} (pid {pid})", stamp(start));
-                println!("chaos: {line}");
-                stats.log.push(line);
+                log.push(format!("kill -9 instance {idx} (pid {pid})"));
                 drop(f);
                 // Down for a moment, then back.
                 tokio::time::sleep(Duration::from_millis(200 + rng.below(2000) as u64)).await;
@@ -619,18 +998,16 @@ async fn chaos(
                 }
             }
             Event::Restart(service) => {
-                println!("chaos: {} restarting {service}", stamp(start));
+                println!("chaos: {} restarting {service}", stamp(log.start));
                 match services("restart", service).await {
                     Ok(took) => {
-                        let line = format!(
-                            "{} restarted {service} (took {:.1}s)",
-                            stamp(start),
+                        log.push(format!(
+                            "restarted {service} (took {:.1}s)",
                             took.as_secs_f64()
-                        );
-                        println!("chaos: {line}");
-                        stats.log.push(line);
+                        ));
                         if service == "kafka" {
                             stats.kafka_restarts += 1;
+                            stats.kafka_outages.push(took);
                         } else {
                             stats.pg_restarts += 1;
                         }
@@ -644,6 +1021,64 @@ async fn chaos(
                     }
                 }
             }
+            Event::PauseKafka(length) => {
+                let pid = match kafka_broker_pid() {
+                    Ok(pid) => pid,
+                    Err(e) => {
+                        stats.restart_failures.push(format!("kafka pause: {e}"));
+                        continue;
+                    }
+                };
+                let stopped = match StoppedBroker::stop(pid) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        stats.restart_failures.push(format!("kafka pause: {e}"));
+                        continue;
+                    }
+                };
+                let began = Instant::now();
+                log.push(format!(
+                    "kill -STOP kafka broker (pid {pid}) for {}s (lease {}s)",
+                    length.as_secs(),
+                    lease.as_secs()
+                ));
+                tokio::time::sleep(length).await;
+                let result = stopped.resume();
+                let took = began.elapsed();
+                match result {
+                    Ok(()) => {
+                        log.push(format!(
+                            "kill -CONT kafka broker (pid {pid}) after {:.1}s",
+                            took.as_secs_f64()
+                        ));
+                        stats.kafka_pauses.push(took);
+                    }
+                    Err(e) => stats.restart_failures.push(format!("kafka pause: {e}")),
+                }
+            }
+            Event::VacuumFull => match vacuum_full(&pool, stats.poison_id).await {
+                Ok(v) => {
+                    log.push(format!(
+                        "VACUUM FULL outbox took {:.2}s: {} rows, {} of them leased before it ({} still leased after it); waited {:.1}s for leased rows",
+                        v.took.as_secs_f64(),
+                        v.rows,
+                        v.leased,
+                        v.leased_after,
+                        v.waited.as_secs_f64()
+                    ));
+                    stats.vacuums.push(v);
+                }
+                Err(e) => stats
+                    .restart_failures
+                    .push(format!("VACUUM FULL outbox: {e}")),
+            },
+            Event::Poison => match publish_poison(&pool, &run).await {
+                Ok(id) => {
+                    log.push(format!("published the poison row (outbox id {id})"));
+                    stats.poison_id = Some(id);
+                }
+                Err(e) => stats.restart_failures.push(e.to_string()),
+            },
         }
     }
     let _ = done.send(true);
@@ -652,7 +1087,9 @@ async fn chaos(
 
 /// The events in random order, each with a random pause before it: the first
 /// after 10 % to 20 % of the window, the others spread over about half of it.
-fn schedule(o: &Opts, rng: &mut Rng) -> Vec<(Duration, Event)> {
+/// The VACUUM FULL follows the Kafka pause (or, without one, takes a random
+/// place like the others).
+fn schedule(o: &Opts, mode: Mode, rng: &mut Rng) -> Vec<(Duration, Event)> {
     let mut events = Vec::new();
     if o.kills {
         events.extend([Event::Kill; 3]);
@@ -662,25 +1099,37 @@ fn schedule(o: &Opts, rng: &mut Rng) -> Vec<(Duration, Event)> {
             Event::Restart("kafka"),
             Event::Restart("kafka"),
             Event::Restart("postgres"),
+            Event::PauseKafka(mode.lease() + PAUSE_OVER_LEASE),
         ]);
+    }
+    let paused = events.iter().any(|e| matches!(e, Event::PauseKafka(_)));
+    if o.vacuum && !paused {
+        events.push(Event::VacuumFull);
+    }
+    if o.poison && mode == Mode::Handler {
+        events.push(Event::Poison);
     }
     for i in (1..events.len()).rev() {
         let j = rng.below(i + 1);
         events.swap(i, j);
     }
     let slot = o.window.mul_f64(0.5 / events.len().max(1) as f64);
-    events
-        .into_iter()
-        .enumerate()
-        .map(|(k, e)| {
-            let pause = if k == 0 {
-                o.window.mul_f64(0.1 + 0.1 * rng.unit())
-            } else {
-                slot.mul_f64(2.0 * rng.unit())
-            };
-            (pause, e)
-        })
-        .collect()
+    let mut out = Vec::new();
+    for (k, e) in events.into_iter().enumerate() {
+        let pause = if k == 0 {
+            o.window.mul_f64(0.1 + 0.1 * rng.unit())
+        } else {
+            slot.mul_f64(2.0 * rng.unit())
+        };
+        out.push((pause, e));
+        // The VACUUM FULL follows the Kafka pause by 1 to 3 s: the backlog
+        // of the pause is being drained, many rows are in flight.
+        if o.vacuum && matches!(e, Event::PauseKafka(_)) {
+            let after = Duration::from_millis(1000 + rng.below(2000) as u64);
+            out.push((after, Event::VacuumFull));
+        }
+    }
+    out
 }
 
 // ---------------------------------------------------------------- kafka
@@ -757,6 +1206,8 @@ struct Consumed {
     other_runs: u64,
     unreadable: u64,
     out_of_range: u64,
+    /// The poison message of this run (must never reach the topic).
+    poison: u64,
     lost: u64,
     first_lost: Vec<u64>,
     duplicates: u64,
@@ -827,7 +1278,11 @@ fn consume(topic: &str, run: &str, n: u64) -> Result<Consumed, BoxError> {
             continue;
         }
         c.of_this_run += 1;
-        match counts.get_mut(v.n as usize) {
+        if v.n == POISON {
+            c.poison += 1;
+            continue;
+        }
+        match usize::try_from(v.n).ok().and_then(|i| counts.get_mut(i)) {
             Some(k) => *k += 1,
             None => c.out_of_range += 1,
         }
@@ -848,6 +1303,22 @@ fn consume(topic: &str, run: &str, n: u64) -> Result<Consumed, BoxError> {
 
 // ---------------------------------------------------------------- one mode
 
+/// A row of the dead-letter table: original id, payload, failure reason,
+/// deliveries, last error.
+type DeadLetter = (i64, Vec<u8>, String, i32, Option<String>);
+
+/// What became of the poison row (handler mode).
+#[derive(Debug)]
+struct PoisonOutcome {
+    outbox_id: i64,
+    /// Instances that aborted on it.
+    crashes: u32,
+    /// The subscriber's `max_deliveries`, as `chaos_handler` printed it.
+    max_deliveries: u32,
+    /// Its dead letter: failure reason and deliveries, if it has one.
+    dead_letter: Option<(String, i32)>,
+}
+
 #[derive(Debug)]
 struct Report {
     mode: Mode,
@@ -858,7 +1329,13 @@ struct Report {
     kills: u32,
     kafka_restarts: u32,
     pg_restarts: u32,
+    kafka_pauses: Vec<Duration>,
+    lease: Duration,
+    vacuums: Vec<Vacuum>,
+    poison: Option<PoisonOutcome>,
     consumed: Consumed,
+    duplicate_bound: u64,
+    duplicate_bound_why: String,
     outbox_left: i64,
     dlq: i64,
     publish_time: Duration,
@@ -868,15 +1345,86 @@ struct Report {
     events: Vec<String>,
 }
 
+/// The settings `chaos_handler` printed at start (`key=value` pairs of its
+/// `chaos_handler: settings` line), from the log of its first start.
+fn handler_settings(log_dir: &Path) -> Option<BTreeMap<String, String>> {
+    let log = std::fs::read(log_dir.join("handler-0-0.log")).ok()?;
+    let log = String::from_utf8_lossy(&log);
+    let line = log
+        .lines()
+        .find_map(|l| l.split_once("chaos_handler: settings "))?
+        .1;
+    Some(
+        line.split_whitespace()
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+    )
+}
+
+/// Checks the settings the driver relies on against what `chaos_handler`
+/// printed; the problems.
+fn check_handler_settings(log_dir: &Path) -> Vec<String> {
+    let Some(s) = handler_settings(log_dir) else {
+        return vec![format!(
+            "no 'chaos_handler: settings' line in {}",
+            log_dir.join("handler-0-0.log").display()
+        )];
+    };
+    let expected = [
+        ("lease_ttl", format!("{HANDLER_LEASE:?}")),
+        ("max_deliveries", HANDLER_MAX_DELIVERIES.to_string()),
+        ("batch_size", HANDLER_BATCH_SIZE.to_string()),
+        ("workers", HANDLER_WORKERS.to_string()),
+    ];
+    expected
+        .into_iter()
+        .filter(|(k, v)| s.get(*k) != Some(v))
+        .map(|(k, v)| {
+            format!(
+                "chaos_handler runs with {k}={}, the driver assumes {v} (update the HANDLER_* constants of examples/chaos.rs)",
+                s.get(k).map_or("?", String::as_str)
+            )
+        })
+        .collect()
+}
+
+/// The duplicates the run may produce: the rows an instance can have sent
+/// and not yet acknowledged (workers x batch size), once for each instance
+/// killed or crashed, and for both instances once per PostgreSQL restart and
+/// once per write timeout (plus one) that Kafka was restarting or paused
+/// (sends that timed out may still be written when the broker comes back).
+fn duplicate_bound(mode: Mode, kills: u32, crashes: u32, stats: &ChaosStats) -> (u64, String) {
+    let per_instance = match mode {
+        Mode::Relay => RELAY_WORKERS * RELAY_BATCH_SIZE,
+        Mode::Handler => HANDLER_WORKERS * HANDLER_BATCH_SIZE,
+    };
+    let rounds =
+        |d: &Duration| (d.as_secs_f64() / mode.write_timeout().as_secs_f64()).ceil() as u64 + 1;
+    let restart_rounds: u64 = stats.kafka_outages.iter().map(rounds).sum();
+    let pause_rounds: u64 = stats.kafka_pauses.iter().map(rounds).sum();
+    let units = u64::from(kills)
+        + u64::from(crashes)
+        + 2 * (restart_rounds + pause_rounds + u64::from(stats.pg_restarts));
+    (
+        per_instance * units,
+        format!(
+            "{per_instance} in flight per instance x ({kills} kills + {crashes} crashes + 2 x ({restart_rounds} Kafka restart rounds + {pause_rounds} pause rounds + {} PostgreSQL restarts))",
+            stats.pg_restarts
+        ),
+    )
+}
+
 async fn run_mode(mode: Mode, o: &Opts, rng: &mut Rng) -> Result<Report, BoxError> {
     let start = Instant::now();
     let run = uuid::Uuid::new_v4().simple().to_string();
     let db_name = format!("outbox_chaos_{}", mode.name());
     println!(
-        "chaos: == mode {} == N={} window={}s run={run} database={db_name}",
+        "chaos: == mode {} == N={} window={}s lease={}s run={run} database={db_name}",
         mode.name(),
         o.n,
-        o.window.as_secs()
+        o.window.as_secs(),
+        mode.lease().as_secs()
     );
     let (pool, url) = fresh_database(&db_name).await?;
     let topic = match mode {
@@ -904,15 +1452,26 @@ async fn run_mode(mode: Mode, o: &Opts, rng: &mut Rng) -> Result<Report, BoxErro
                 ("RETRY_MAX_ATTEMPTS".into(), "100000".into()),
                 ("RETRY_INITIAL_DELAY".into(), "200ms".into()),
                 ("RETRY_MAX_DELAY".into(), "2s".into()),
-                ("KAFKA_WRITE_TIMEOUT".into(), "10s".into()),
+                (
+                    "KAFKA_WRITE_TIMEOUT".into(),
+                    format!("{}s", RELAY_WRITE_TIMEOUT.as_secs()),
+                ),
+                // The defaults, spelled out: the duplicate bound uses them.
+                ("RELAY_BATCH_SIZE".into(), RELAY_BATCH_SIZE.to_string()),
+                ("RELAY_WORKERS".into(), RELAY_WORKERS.to_string()),
             ]);
             o.relay_bin.clone()
         }
         Mode::Handler => {
-            env.push(("KAFKA_WRITE_TIMEOUT".into(), "8s".into()));
+            env.push((
+                "KAFKA_WRITE_TIMEOUT".into(),
+                format!("{}s", HANDLER_WRITE_TIMEOUT.as_secs()),
+            ));
             o.handler_bin.clone()
         }
     };
+    let log = EventLog::new(start);
+    let poison_expected = o.poison && mode == Mode::Handler;
     let fleet = Arc::new(Mutex::new(Fleet {
         mode,
         bin,
@@ -920,7 +1479,10 @@ async fn run_mode(mode: Mode, o: &Opts, rng: &mut Rng) -> Result<Report, BoxErro
         log_dir: log_dir.clone(),
         instances: Vec::new(),
         kills: 0,
+        poison_expected,
+        poison_crashes: 0,
         unexpected_exits: Vec::new(),
+        log: log.clone(),
     }));
     fleet.lock().await.start(2)?;
 
@@ -951,14 +1513,17 @@ async fn run_mode(mode: Mode, o: &Opts, rng: &mut Rng) -> Result<Report, BoxErro
         stats.clone(),
         done_rx,
     ));
-    let events = schedule(o, rng);
-    let chaos_task = tokio::spawn(chaos(
-        fleet.clone(),
+    let events = schedule(o, mode, rng);
+    let chaos_task = tokio::spawn(chaos(ChaosCtx {
+        fleet: fleet.clone(),
         events,
-        Rng(rng.next() | 1),
-        start,
-        done_tx,
-    ));
+        rng: Rng(rng.next() | 1),
+        log: log.clone(),
+        pool: pool.clone(),
+        run: run.clone(),
+        lease: mode.lease(),
+        done: done_tx,
+    }));
     publish.await?;
     let publish_time = start.elapsed();
     println!(
@@ -1004,7 +1569,11 @@ async fn run_mode(mode: Mode, o: &Opts, rng: &mut Rng) -> Result<Report, BoxErro
     problems.extend(f.unexpected_exits.iter().cloned());
     problems.extend(chaos_stats.restart_failures.iter().cloned());
     let kills = f.kills;
+    let poison_crashes = f.poison_crashes;
     drop(f);
+    if mode == Mode::Handler {
+        problems.extend(check_handler_settings(&log_dir));
+    }
 
     let published = retrying("count published", Duration::from_secs(60), || {
         scalar(&pool, "SELECT count(*) FROM chaos_published")
@@ -1018,6 +1587,67 @@ async fn run_mode(mode: Mode, o: &Opts, rng: &mut Rng) -> Result<Report, BoxErro
     }
     let outbox_left = scalar(&pool, "SELECT count(*) FROM outbox").await?;
     let dlq = scalar(&pool, "SELECT count(*) FROM outbox_dlq").await?;
+    let dead_letters: Vec<DeadLetter> = sqlx::query_as(
+        "SELECT original_id, payload, failure_reason, deliveries, last_error \
+         FROM outbox_dlq ORDER BY id LIMIT 100",
+    )
+    .fetch_all(&pool)
+    .await?;
+    let is_poison = |original_id: i64, payload: &[u8]| {
+        Some(original_id) == chaos_stats.poison_id
+            || serde_json::from_slice::<Numbered>(payload)
+                .is_ok_and(|v| v.n == POISON && v.run == run)
+    };
+    let mut poison_dead_letter = None;
+    let mut others = Vec::new();
+    for (original_id, payload, reason, deliveries, last_error) in &dead_letters {
+        if is_poison(*original_id, payload) {
+            if poison_dead_letter.is_some() {
+                problems.push("the poison row was dead-lettered twice".into());
+            }
+            poison_dead_letter = Some((reason.clone(), *deliveries));
+        } else {
+            others.push(format!(
+                "original id {original_id}, reason {reason}, {deliveries} deliveries: {}",
+                last_error.as_deref().unwrap_or("")
+            ));
+        }
+    }
+    let other_dead_letters = dlq - i64::from(poison_dead_letter.is_some());
+    if other_dead_letters > 0 {
+        problems.push(format!(
+            "{other_dead_letters} rows in the dead-letter table besides the poison row (first: {})",
+            others.first().map_or("?", String::as_str)
+        ));
+    }
+    let poison = chaos_stats.poison_id.map(|outbox_id| PoisonOutcome {
+        outbox_id,
+        crashes: poison_crashes,
+        max_deliveries: HANDLER_MAX_DELIVERIES,
+        dead_letter: poison_dead_letter.clone(),
+    });
+    if let Some(p) = &poison {
+        match &p.dead_letter {
+            None => problems.push(format!(
+                "the poison row (outbox id {}) was not dead-lettered",
+                p.outbox_id
+            )),
+            Some((reason, _)) if reason != "crashed" => problems.push(format!(
+                "the poison row was dead-lettered as {reason:?}, not \"crashed\""
+            )),
+            Some(_) => {}
+        }
+        if p.crashes > p.max_deliveries {
+            problems.push(format!(
+                "the poison row crashed the instances {} times, more than max_deliveries = {}",
+                p.crashes, p.max_deliveries
+            ));
+        }
+    } else if poison_crashes > 0 {
+        problems.push(format!(
+            "{poison_crashes} crashes on a poison message that was not published"
+        ));
+    }
 
     let (t, r, n) = (topic.clone(), run.clone(), o.n);
     let consumed = tokio::task::spawn_blocking(move || consume(&t, &r, n)).await??;
@@ -1033,11 +1663,22 @@ async fn run_mode(mode: Mode, o: &Opts, rng: &mut Rng) -> Result<Report, BoxErro
             consumed.out_of_range, consumed.unreadable
         ));
     }
+    if consumed.poison > 0 {
+        problems.push(format!(
+            "the poison row reached the topic ({} times)",
+            consumed.poison
+        ));
+    }
+    let (duplicate_bound, duplicate_bound_why) =
+        duplicate_bound(mode, kills, poison_crashes, &chaos_stats);
+    if consumed.duplicates > duplicate_bound {
+        problems.push(format!(
+            "{} duplicates, more than the bound of {duplicate_bound} ({duplicate_bound_why})",
+            consumed.duplicates
+        ));
+    }
     if outbox_left != 0 {
         problems.push(format!("{outbox_left} rows left in the outbox"));
-    }
-    if dlq != 0 {
-        problems.push(format!("{dlq} rows in the dead-letter table"));
     }
     pool.close().await;
     if !o.keep_db && problems.is_empty() {
@@ -1054,14 +1695,20 @@ async fn run_mode(mode: Mode, o: &Opts, rng: &mut Rng) -> Result<Report, BoxErro
         kills,
         kafka_restarts: chaos_stats.kafka_restarts,
         pg_restarts: chaos_stats.pg_restarts,
+        kafka_pauses: chaos_stats.kafka_pauses.clone(),
+        lease: mode.lease(),
+        vacuums: chaos_stats.vacuums.clone(),
+        poison,
         consumed,
+        duplicate_bound,
+        duplicate_bound_why,
         outbox_left,
         dlq,
         publish_time,
         drain_time,
         total_time: start.elapsed(),
         problems,
-        events: chaos_stats.log,
+        events: log.lines(),
     })
 }
 
@@ -1074,12 +1721,55 @@ fn print_report(r: &Report) {
         "  published (committed)  {} ({} failed publish attempts, {} of unknown outcome found committed)",
         r.published, r.failed_publish_attempts, r.unknown_outcomes_committed
     );
-    println!("  instances              2 at once");
+    println!(
+        "  instances              2 at once (lease {}s)",
+        r.lease.as_secs()
+    );
     println!("  kill -9                {}", r.kills);
     println!(
         "  restarts               kafka {}, postgres {}",
         r.kafka_restarts, r.pg_restarts
     );
+    if r.kafka_pauses.is_empty() {
+        println!("  kafka paused           no");
+    } else {
+        for p in &r.kafka_pauses {
+            println!(
+                "  kafka paused           {:.1}s (kill -STOP .. -CONT; lease {}s)",
+                p.as_secs_f64(),
+                r.lease.as_secs()
+            );
+        }
+    }
+    if r.vacuums.is_empty() {
+        println!("  VACUUM FULL outbox     no");
+    } else {
+        for v in &r.vacuums {
+            println!(
+                "  VACUUM FULL outbox     {:.2}s ({} rows, {} leased before it, {} still leased after it)",
+                v.took.as_secs_f64(),
+                v.rows,
+                v.leased,
+                v.leased_after
+            );
+        }
+    }
+    match &r.poison {
+        None => println!("  poison row             none"),
+        Some(p) => {
+            println!(
+                "  poison row             outbox id {}: {} crashes (max_deliveries {}), on the topic {} times",
+                p.outbox_id, p.crashes, p.max_deliveries, c.poison
+            );
+            match &p.dead_letter {
+                Some((reason, deliveries)) => {
+                    println!("  poison dead letter     reason {reason}, {deliveries} deliveries")
+                }
+                None => println!("  poison dead letter     MISSING"),
+            }
+        }
+    }
+    println!("  events:");
     for e in &r.events {
         println!("    {e}");
     }
@@ -1089,9 +1779,10 @@ fn print_report(r: &Report) {
     );
     println!("  lost                   {}", c.lost);
     println!(
-        "  duplicates             {} ({} numbers delivered more than once)",
-        c.duplicates, c.duplicated_numbers
+        "  duplicates             {} ({} numbers delivered more than once; bound {})",
+        c.duplicates, c.duplicated_numbers, r.duplicate_bound
     );
+    println!("    bound: {}", r.duplicate_bound_why);
     println!("  outbox left / dlq      {} / {}", r.outbox_left, r.dlq);
     println!(
         "  time                   {:.1}s (publish {:.1}s, drain {:.1}s)",
@@ -1109,6 +1800,35 @@ fn print_report(r: &Report) {
     }
 }
 
+/// SIGINT or SIGTERM: resume the Kafka broker if a pause has it stopped, then
+/// exit (130 or 143).
+fn resume_broker_on_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        eprintln!("chaos: cannot install the signal handlers");
+        return;
+    };
+    tokio::spawn(async move {
+        let code = tokio::select! {
+            _ = int.recv() => 130,
+            _ = term.recv() => 143,
+        };
+        let pid = STOPPED_BROKER.swap(0, Ordering::SeqCst);
+        if pid != 0 {
+            match resume_broker(pid) {
+                Ok(()) => eprintln!("chaos: interrupted; resumed the Kafka broker (pid {pid})"),
+                Err(e) => eprintln!("chaos: interrupted; {e}: resume it by hand"),
+            }
+        } else {
+            eprintln!("chaos: interrupted");
+        }
+        std::process::exit(code);
+    });
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let o = match parse_opts() {
@@ -1118,13 +1838,16 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    resume_broker_on_signal();
     println!(
-        "chaos: N={} modes={:?} window={}s restarts={} kills={} seed={}",
+        "chaos: N={} modes={:?} window={}s restarts={} kills={} poison={} vacuum={} seed={}",
         o.n,
         o.modes.iter().map(|m| m.name()).collect::<Vec<_>>(),
         o.window.as_secs(),
         o.restarts,
         o.kills,
+        o.poison,
+        o.vacuum,
         o.seed
     );
     let mut rng = Rng(o.seed);
@@ -1144,17 +1867,42 @@ async fn main() -> std::process::ExitCode {
         }
     }
     println!();
-    println!("chaos: mode     N        kills  kafka  pg  lost  duplicates  time");
+    println!(
+        "chaos: mode     N        kills  crashes  kafka  pg  pause  vacuum  lost  duplicates (bound)  dlq          time"
+    );
     for r in &reports {
+        let crashes = r.poison.as_ref().map_or("-".to_owned(), |p| {
+            format!("{}/{}", p.crashes, p.max_deliveries)
+        });
+        let pause = r
+            .kafka_pauses
+            .iter()
+            .map(|p| format!("{:.0}s", p.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(",");
+        let vacuum = r
+            .vacuums
+            .iter()
+            .map(|v| format!("{:.2}s", v.took.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(",");
+        let dlq = match r.poison.as_ref().and_then(|p| p.dead_letter.as_ref()) {
+            Some((reason, _)) if r.dlq == 1 => format!("1 {reason}"),
+            _ => r.dlq.to_string(),
+        };
         println!(
-            "chaos: {:<8} {:<8} {:<6} {:<6} {:<3} {:<5} {:<11} {:.1}s",
+            "chaos: {:<8} {:<8} {:<6} {:<8} {:<6} {:<3} {:<6} {:<7} {:<5} {:<19} {:<12} {:.1}s",
             r.mode.name(),
             r.n,
             r.kills,
+            crashes,
             r.kafka_restarts,
             r.pg_restarts,
+            if pause.is_empty() { "-" } else { &pause },
+            if vacuum.is_empty() { "-" } else { &vacuum },
             r.consumed.lost,
-            r.consumed.duplicates,
+            format!("{} ({})", r.consumed.duplicates, r.duplicate_bound),
+            dlq,
             r.total_time.as_secs_f64()
         );
     }
