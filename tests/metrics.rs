@@ -625,7 +625,7 @@ async fn counters_exist_at_zero_from_start_up() {
                 "outbox_dead_lettered_total",
                 &[("queue", "z_other"), ("reason", "crashed")],
             ) {
-                Some(v) if v == 0.0 => Ok(()),
+                Some(0.0) => Ok(()),
                 other => Err(format!("{other:?}")),
             }
         },
