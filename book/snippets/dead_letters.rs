@@ -23,7 +23,7 @@ async fn dead_letters(pool: PgPool) -> Result<(), outbox::Error> {
     }
     let how_many: i64 = dlq.count(&filter).await?;
 
-    // Back into the outbox as new rows (new ids, fresh retry budget).
+    // Back into the outbox with their original ids and a fresh retry budget.
     let new_ids: Vec<i64> = dlq.replay(&Filter::default().queue("payments").ids(10, 20)).await?;
 
     // Gone for good.

@@ -698,7 +698,7 @@ async fn dlq(pool: &PgPool, tables: &Tables, cmd: DlqCommand, console: &mut Cons
             let ids = dlq.replay(&f).await?;
             writeln!(
                 console.out,
-                "replayed {} dead letters into {} (new ids {})",
+                "replayed {} dead letters into {} (as rows {}, their original ids)",
                 ids.len(),
                 tables.outbox,
                 output::id_ranges(&ids)
