@@ -296,9 +296,8 @@ impl SubRuntime {
         // A prefetched batch may have waited for the one before it: renew its
         // lease before handling it, and drop the rows taken over meanwhile.
         if claimed_at.elapsed() >= every {
-            match self.claimer.renew(token, &lease.ids).await {
+            match lease.renew(&self.claimer).await {
                 Ok(held) => {
-                    lease.renewed.store(true, Ordering::SeqCst);
                     if held.len() < rows.len() {
                         tracing::warn!(subscriber = %self.sub.name, rows = rows.len() - held.len(), "lease lost before handling (taken over after expiry); left to their new owner");
                         let held: HashSet<i64> = held.into_iter().collect();
@@ -381,9 +380,8 @@ impl SubRuntime {
         let every = renew_every(self.sub.lease_ttl);
         tokio::time::sleep_until(first.into()).await;
         loop {
-            match self.claimer.renew(lease.token, &lease.ids).await {
+            match lease.renew(&self.claimer).await {
                 Ok(held) => {
-                    lease.renewed.store(true, Ordering::SeqCst);
                     tracing::debug!(subscriber = %self.sub.name, rows = held.len(), "lease renewed");
                 }
                 Err(e) => {
@@ -785,6 +783,16 @@ struct Lease {
     token: Uuid,
     ids: Vec<i64>,
     renewed: AtomicBool,
+}
+
+impl Lease {
+    /// Extends the lease of the rows still held; returns their ids. From
+    /// then on the rows are elsewhere than their claim positions.
+    async fn renew(&self, claimer: &Claimer) -> Result<Vec<i64>, crate::Error> {
+        let held = claimer.renew(self.token, &self.ids).await?;
+        self.renewed.store(true, Ordering::SeqCst);
+        Ok(held)
+    }
 }
 
 /// A batch split by [`SubRuntime::screen`].
