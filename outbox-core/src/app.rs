@@ -254,12 +254,6 @@ impl App {
                     }
                 }
             }
-            if s.ordered && s.queues == Queues::All {
-                e.push(format!(
-                    "{}: ordered is not supported with all queues",
-                    s.label()
-                ));
-            }
             for p in &s.publishers {
                 if !self.sinks.contains_key(&p.sink) {
                     e.push(format!(

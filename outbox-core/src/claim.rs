@@ -282,7 +282,8 @@ impl Claimer {
         dlq: Option<TableName>,
     ) -> Self {
         let scope = match (queues.as_deref(), ordered) {
-            (None, _) => ClaimScope::All,
+            (None, false) => ClaimScope::All,
+            (None, true) => ClaimScope::AllOrdered,
             (Some([_]), false) => ClaimScope::Queue,
             (Some([_]), true) => ClaimScope::QueueOrdered,
             (Some(_), false) => ClaimScope::Queues,
@@ -411,7 +412,7 @@ impl Claimer {
         };
         q = q.bind(limit).bind(self.lease_ttl_us).bind(token);
         q = match self.scope {
-            ClaimScope::All => q.bind(upper.id),
+            ClaimScope::All | ClaimScope::AllOrdered => q.bind(upper.id),
             ClaimScope::Queue => q
                 .bind(lower.due)
                 .bind(lower.id)
@@ -420,7 +421,7 @@ impl Claimer {
             ClaimScope::QueueOrdered | ClaimScope::Queues | ClaimScope::QueuesOrdered => q,
         };
         let rows = self.fetch(q).await?;
-        let by_id = self.scope == ClaimScope::All;
+        let by_id = matches!(self.scope, ClaimScope::All | ClaimScope::AllOrdered);
         Ok(rows
             .iter()
             .map(|row| {

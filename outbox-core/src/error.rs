@@ -18,6 +18,10 @@ pub enum Error {
     /// A payload could not be serialized to JSON.
     #[error("payload does not serialize to JSON: {0}")]
     Serialize(#[source] serde_json::Error),
+    /// Log capture cannot go on: the replication slot is lost, was dropped,
+    /// or cannot be streamed; the message says what to do.
+    #[error("log capture: {0}")]
+    Capture(String),
     /// A migration failed.
     #[error("migration {version} ({name}) failed: {source}")]
     Migration {

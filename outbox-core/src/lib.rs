@@ -26,6 +26,7 @@
 //! ```
 
 mod app;
+pub mod capture;
 pub mod claim;
 #[cfg(feature = "cli")]
 pub mod cli;
@@ -43,9 +44,12 @@ mod runtime;
 mod schema;
 mod sink;
 mod sql;
+#[cfg(feature = "capture")]
+pub mod stream;
 mod subscriber;
 
 pub use app::{shutdown_signal, App, Running, DEFAULT_SHUTDOWN_TIMEOUT};
+pub use capture::Capture;
 pub use envelope::{Envelope, Meta};
 pub use error::{ConfigErrors, Error, FailureReason, HandlerError, HandlerErrorKind};
 pub use handler::{Ack, Context, FromContext, Handler, Output, State};

@@ -17,7 +17,7 @@
 //! # Ok(()) }
 //! ```
 
-use crate::{validate_queue, Error, Tables};
+use crate::{validate_queue, Capture, Error, Tables};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -139,6 +139,12 @@ impl Message {
         Outbox::default().publish_message(executor, self).await
     }
 
+    /// Whether log mode can carry the message: the log has no "not before",
+    /// so delayed messages and timers go to the table.
+    fn fits_the_log(&self) -> bool {
+        self.delay_us.is_none() && self.at_epoch_us.is_none() && self.timer.is_none()
+    }
+
     pub(crate) fn validate(&self) -> Result<(), Error> {
         validate_queue(&self.queue)?;
         if self.payload.len() > MAX_PAYLOAD_BYTES {
@@ -232,12 +238,35 @@ where
 #[derive(Debug, Clone, Default)]
 pub struct Outbox {
     tables: Tables,
+    capture: Capture,
 }
 
 impl Outbox {
     /// An outbox on the given tables.
     pub fn new(tables: Tables) -> Self {
-        Self { tables }
+        Self {
+            tables,
+            capture: Capture::Table,
+        }
+    }
+
+    /// Where messages are written: rows of the table (the default) or
+    /// messages in the write-ahead log ([`Capture::Log`], see
+    /// [`crate::capture`]). Delayed messages and timers always go to the
+    /// table.
+    ///
+    /// ```
+    /// let ob = outbox::Outbox::default().capture(outbox::Capture::Log);
+    /// assert_eq!(ob.capture_mode(), outbox::Capture::Log);
+    /// ```
+    pub fn capture(mut self, capture: Capture) -> Self {
+        self.capture = capture;
+        self
+    }
+
+    /// The capture mode in use.
+    pub fn capture_mode(&self) -> Capture {
+        self.capture
     }
 
     /// The tables in use.
@@ -272,6 +301,23 @@ impl Outbox {
         E: sqlx::PgExecutor<'c>,
     {
         msg.validate()?;
+        if self.capture == Capture::Log && msg.fits_the_log() {
+            let body = crate::capture::encode_body(
+                &msg.queue,
+                msg.key.as_deref(),
+                msg.correlation_id.as_deref(),
+                &msg.headers,
+                &msg.payload,
+            );
+            let id: i64 = sqlx::query_scalar(&crate::sql::emit_one())
+                .bind(crate::capture::prefix(&self.tables))
+                .bind(body)
+                .bind(self.tables.outbox.quoted())
+                .persistent(true)
+                .fetch_one(executor)
+                .await?;
+            return Ok(Some(id));
+        }
         let headers = serde_json::to_value(&msg.headers).map_err(Error::Serialize)?;
         let replace = matches!(msg.timer, Some((_, OnConflict::Replace)));
         let sql = crate::sql::publish_one(&self.tables, replace);
@@ -305,6 +351,55 @@ impl Outbox {
         if msgs.is_empty() {
             return Ok(Vec::new());
         }
+        if self.capture == Capture::Log {
+            return self.publish_batch_to_log(executor, msgs).await;
+        }
+        self.publish_batch_to_table(executor, msgs).await
+    }
+
+    /// Log mode: one statement emits every message, in order. A batch with a
+    /// delayed message or a timer goes to the table whole, in the order given
+    /// (an executor serves one statement here, and splitting the batch would
+    /// reorder it).
+    async fn publish_batch_to_log<'c, E>(
+        &self,
+        executor: E,
+        msgs: Vec<Message>,
+    ) -> Result<Vec<i64>, Error>
+    where
+        E: sqlx::PgExecutor<'c>,
+    {
+        if msgs.iter().any(|m| !m.fits_the_log()) {
+            return self.publish_batch_to_table(executor, msgs).await;
+        }
+        let mut bodies = Vec::with_capacity(msgs.len());
+        for msg in &msgs {
+            msg.validate()?;
+            bodies.push(crate::capture::encode_body(
+                &msg.queue,
+                msg.key.as_deref(),
+                msg.correlation_id.as_deref(),
+                &msg.headers,
+                &msg.payload,
+            ));
+        }
+        let ids: Vec<i64> = sqlx::query_scalar(&crate::sql::emit_batch())
+            .bind(crate::capture::prefix(&self.tables))
+            .bind(bodies)
+            .bind(self.tables.outbox.quoted())
+            .fetch_all(executor)
+            .await?;
+        Ok(ids)
+    }
+
+    async fn publish_batch_to_table<'c, E>(
+        &self,
+        executor: E,
+        msgs: Vec<Message>,
+    ) -> Result<Vec<i64>, Error>
+    where
+        E: sqlx::PgExecutor<'c>,
+    {
         let n = msgs.len();
         let mut queues = Vec::with_capacity(n);
         let mut payloads = Vec::with_capacity(n);

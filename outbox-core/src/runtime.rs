@@ -817,7 +817,7 @@ fn reserved(name: &str) -> bool {
         && name.as_bytes()[..prefix.len()].eq_ignore_ascii_case(prefix.as_bytes())
 }
 
-fn add_headers(o: &mut Outgoing, env: &Envelope) {
+pub(crate) fn add_headers(o: &mut Outgoing, env: &Envelope) {
     let mut dropped = 0u64;
     for (k, v) in &env.headers {
         if reserved(k) {

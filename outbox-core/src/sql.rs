@@ -96,6 +96,73 @@ pub(crate) fn publish_batch(t: &Tables) -> String {
     )
 }
 
+/// Log mode: `$1` prefix, `$2` the content after the version and the id,
+/// `$3` the outbox table (quoted), whose id sequence gives the message id.
+/// The id is taken in a subquery (`nextval` is volatile, so the subquery is
+/// kept as written) and the message emitted once per id.
+pub(crate) fn emit_one() -> String {
+    "SELECT i.id, pg_logical_emit_message(true, $1::text, '\\x01'::bytea || int8send(i.id) || $2::bytea)::text \
+     FROM (SELECT nextval(pg_get_serial_sequence($3::text, 'id')) AS id) AS i"
+        .to_owned()
+}
+
+/// Log mode, many messages: `$2` the contents (bytea[]), emitted in array
+/// order (a function scan keeps it), ids taken in the same order.
+pub(crate) fn emit_batch() -> String {
+    "SELECT i.id, pg_logical_emit_message(true, $1::text, '\\x01'::bytea || int8send(i.id) || i.c)::text \
+     FROM (SELECT nextval(pg_get_serial_sequence($3::text, 'id')) AS id, u.c \
+           FROM unnest($2::bytea[]) AS u(c)) AS i"
+        .to_owned()
+}
+
+/// Log mode: messages moved into the table after a failure (or because
+/// their key is held), with their ids. `$1` ids, `$2` queues, `$3` payloads,
+/// `$4` headers, `$5` keys, `$6` correlation ids, `$7` created (epoch ms),
+/// `$8` delays (µs), `$9` attempts so far, `$10` errors. Each attempt counts
+/// as a settled delivery. A message already there (moved by a run that
+/// stopped before it confirmed) is kept as it is.
+#[cfg(feature = "capture")]
+pub(crate) fn move_from_log(t: &Tables) -> String {
+    format!(
+        "INSERT INTO {o} (id, queue, payload, headers, partition_key, correlation_id, created_at, \
+                          next_attempt_at, first_attempt_at, last_attempt_at, attempts, deliveries, last_error) \
+         SELECT u.id, u.q, u.p, u.h, u.k, u.c, to_timestamp(u.ms / 1000.0), \
+                now() + u.d * interval '1 microsecond', \
+                CASE WHEN u.a > 0 THEN now() END, CASE WHEN u.a > 0 THEN now() END, u.a, u.a, u.e \
+         FROM unnest($1::int8[], $2::text[], $3::bytea[], $4::jsonb[], $5::text[], $6::text[], \
+                     $7::int8[], $8::int8[], $9::int4[], $10::text[]) AS u(id, q, p, h, k, c, ms, d, a, e) \
+         ON CONFLICT (id) DO NOTHING",
+        o = t.outbox.quoted()
+    )
+}
+
+/// Log mode: messages that failed for good, straight from the stream, into
+/// the dead-letter table (or parked in the outbox table without one). `$1`
+/// to `$7` as in [`move_from_log`], `$8` reasons, `$9` errors, `$10`
+/// attempts.
+#[cfg(feature = "capture")]
+pub(crate) fn dead_letter_from_log(t: &Tables) -> String {
+    let cols = "FROM unnest($1::int8[], $2::text[], $3::bytea[], $4::jsonb[], $5::text[], $6::text[], \
+                $7::int8[], $8::text[], $9::text[], $10::int4[]) AS u(id, q, p, h, k, c, ms, r, e, a)";
+    match &t.dlq {
+        Some(d) => format!(
+            "INSERT INTO {d} (original_id, queue, payload, headers, partition_key, correlation_id, \
+                              attempts, deliveries, created_at, failure_reason, last_error) \
+             SELECT u.id, u.q, u.p, u.h, u.k, u.c, u.a, u.a, to_timestamp(u.ms / 1000.0), u.r, u.e {cols}",
+            d = d.quoted()
+        ),
+        None => format!(
+            "INSERT INTO {o} (id, queue, payload, headers, partition_key, correlation_id, created_at, \
+                              attempts, deliveries, parked_at, failure_reason, last_error) \
+             SELECT CASE WHEN u.id > 0 THEN u.id ELSE nextval(pg_get_serial_sequence('{lit}', 'id')) END, \
+                    u.q, u.p, u.h, u.k, u.c, to_timestamp(u.ms / 1000.0), u.a, u.a, now(), u.r, u.e {cols} \
+             ON CONFLICT (id) DO NOTHING",
+            o = t.outbox.quoted(),
+            lit = t.outbox.quoted().replace('\'', "''"),
+        ),
+    }
+}
+
 pub(crate) fn cancel_timer(t: &Tables) -> String {
     format!(
         "DELETE FROM {o} WHERE queue = $1 AND timer_id = $2 AND lease_token IS NULL",
@@ -126,11 +193,14 @@ pub(crate) enum ClaimScope {
     QueuesOrdered,
     /// Every row of the table, by id (the stand-alone relay).
     All,
+    /// Every row of the table, by id, only the head row of each partition
+    /// key (the relay in log mode, whose table holds the log's failures).
+    AllOrdered,
 }
 
 /// `$1` the queue (text) for `Queue`/`QueueOrdered`, the queues (text[]) for
 /// `Queues`/`QueuesOrdered`; `$2` limit, `$3` lease TTL in µs, `$4` token. For
-/// `All`, `$1` and `$5` bound the ids: `$1 < id <= $5`. For `Queue`, `$5` to
+/// `All` and `AllOrdered`, `$1` and `$5` bound the ids: `$1 < id <= $5`. For `Queue`, `$5` to
 /// `$8` bound the claim order: `($5, $6) < (next_attempt_at, id) <= ($7, $8)`.
 /// A lease ends at the expiry its claimer chose, whatever TTL a later claimer
 /// uses.
@@ -191,11 +261,11 @@ pub(crate) fn claim(t: &Tables, scope: ClaimScope, max_bytes: i64) -> String {
             false,
         ),
         ClaimScope::QueueOrdered => pick("c.queue = $1::text AND", "id", "c.id", true),
-        ClaimScope::All => pick(
+        ClaimScope::All | ClaimScope::AllOrdered => pick(
             "c.id > $1::int8 AND c.id <= $5::int8 AND",
             "id",
             "c.id",
-            false,
+            scope == ClaimScope::AllOrdered,
         ),
         ClaimScope::Queues | ClaimScope::QueuesOrdered => {
             let (order, head) = if scope == ClaimScope::Queues {
@@ -213,7 +283,7 @@ pub(crate) fn claim(t: &Tables, scope: ClaimScope, max_bytes: i64) -> String {
     let queue_check = match scope {
         ClaimScope::Queue | ClaimScope::QueueOrdered => "o.queue = $1::text AND",
         ClaimScope::Queues | ClaimScope::QueuesOrdered => "o.queue = ANY($1::text[]) AND",
-        ClaimScope::All => "",
+        ClaimScope::All | ClaimScope::AllOrdered => "",
     };
     format!(
         "WITH {ASYNC_COMMIT}, picked AS ({picked}), \

@@ -16,7 +16,10 @@ use crate::config::{human, parse_bool, parse_duration, parse_number, BrokerConfi
 use crate::topic::{check_topic_name, topic_char};
 use crate::Broker;
 use outbox::logging::{is_secret_name, redact_url, url_secrets};
-use outbox::{Envelope, ExponentialRetry, HandlerError, Output, Subscriber, TableName, Tables};
+use outbox::stream::LogStream;
+use outbox::{
+    Capture, Envelope, ExponentialRetry, HandlerError, Output, Subscriber, TableName, Tables,
+};
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::Connection;
 use std::collections::{BTreeMap, HashMap};
@@ -73,7 +76,12 @@ pub const RELAY_VARS: &[(&str, Option<&str>, &str)] = &[
     ("RELAY_BATCH_BYTES", Some("67108864"), "bytes of payload and headers per claim, at least one row (1024 to 1073741824)"),
     ("RELAY_MAX_DELIVERIES", Some("5"), "deliveries of a row beyond its settled attempts (the relay crashed or hung with it) before it is dead-lettered as crashed (1 to 1000)"),
     ("RELAY_MIGRATE", Some("false"), "create the outbox and dead-letter tables at start"),
-    ("RELAY_EXIT_WHEN_IDLE", Some("false"), "exit 0 once the outbox has no pending row"),
+    ("RELAY_EXIT_WHEN_IDLE", Some("false"), "exit 0 once the outbox has no pending row (table capture only)"),
+    ("CAPTURE", Some("table"), "table: poll the outbox table; log: also stream log-mode messages (pg_logical_emit_message) from a replication slot"),
+    ("CAPTURE_SLOT", Some("outbox_relay"), "replication slot of CAPTURE=log, created on the first start (lower-case letters, digits and _)"),
+    ("CAPTURE_PUBLICATION", Some("outbox_relay"), "publication of CAPTURE=log, created when missing"),
+    ("CAPTURE_HEARTBEAT", Some("10s"), "with nothing in flight, how often the slot is moved past WAL written elsewhere (100ms to 1h)"),
+    ("CAPTURE_MAX_IN_FLIGHT", Some("20000"), "log messages sent and not yet acked at most: what a crash may send twice (1 to 1000000)"),
     ("METRICS_ADDR", Some(DEFAULT_METRICS_ADDR), "address of the Prometheus /metrics, liveness /healthz and readiness /readyz endpoint; off disables it"),
     ("METRICS_SAMPLE_INTERVAL", Some("5s"), "how often the outbox gauges (pending rows, oldest age, parked, dead letters) are counted in the database (100ms to 1h)"),
     ("LOG_FORMAT", Some("text"), "text or json"),
@@ -226,6 +234,18 @@ pub struct RelayConfig {
     pub metrics_sample_interval: Duration,
     /// Log output (`LOG_FORMAT`), used by the binary.
     pub log_format: LogFormat,
+    /// Where messages are captured from (`CAPTURE`): the table only, or the
+    /// write-ahead log as well (the table still carries delayed messages,
+    /// timers and the log's failed messages).
+    pub capture: Capture,
+    /// The replication slot of log capture (`CAPTURE_SLOT`).
+    pub capture_slot: String,
+    /// The publication of log capture (`CAPTURE_PUBLICATION`).
+    pub capture_publication: String,
+    /// The heartbeat of an idle slot (`CAPTURE_HEARTBEAT`).
+    pub capture_heartbeat: Duration,
+    /// Log messages in flight at most (`CAPTURE_MAX_IN_FLIGHT`).
+    pub capture_max_in_flight: usize,
 }
 
 impl Default for RelayConfig {
@@ -249,6 +269,11 @@ impl Default for RelayConfig {
             metrics: None,
             metrics_sample_interval: outbox::metrics::DEFAULT_SAMPLE_INTERVAL,
             log_format: LogFormat::Text,
+            capture: Capture::Table,
+            capture_slot: "outbox_relay".to_owned(),
+            capture_publication: "outbox_relay".to_owned(),
+            capture_heartbeat: outbox::stream::DEFAULT_HEARTBEAT,
+            capture_max_in_flight: outbox::stream::DEFAULT_MAX_IN_FLIGHT,
         }
     }
 }
@@ -434,6 +459,32 @@ impl RelayConfig {
                 }
             };
         }
+        if let Some(v) = get("CAPTURE") {
+            c.capture = Capture::parse(&v).ok_or(ConfigError::NotOneOf {
+                var: "CAPTURE".into(),
+                value: v,
+                accepted: "table, log",
+            })?;
+        }
+        if let Some(v) = get("CAPTURE_SLOT") {
+            c.capture_slot = v;
+        }
+        if let Some(v) = get("CAPTURE_PUBLICATION") {
+            c.capture_publication = v;
+        }
+        if let Some(v) = get("CAPTURE_HEARTBEAT") {
+            let every = parse_duration("CAPTURE_HEARTBEAT", &v)?;
+            if every < Duration::from_millis(100) || every > Duration::from_secs(3600) {
+                return Err(ConfigError::invalid(
+                    "CAPTURE_HEARTBEAT",
+                    format!("{v} is out of range (accepted: 100ms to 1h)"),
+                ));
+            }
+            c.capture_heartbeat = every;
+        }
+        if let Some(v) = get("CAPTURE_MAX_IN_FLIGHT") {
+            c.capture_max_in_flight = parse_number("CAPTURE_MAX_IN_FLIGHT", &v, 1, 1_000_000)?;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -445,7 +496,54 @@ impl RelayConfig {
         self.tables()?;
         self.retry()
             .map_err(|e| ConfigError::invalid("RETRY_*", e))?;
+        for (var, name) in [
+            ("CAPTURE_SLOT", &self.capture_slot),
+            ("CAPTURE_PUBLICATION", &self.capture_publication),
+        ] {
+            outbox::stream::validate_slot_name(var, name).map_err(|e| {
+                ConfigError::invalid(
+                    var,
+                    e.to_string()
+                        .trim_start_matches(&format!("{var}: "))
+                        .to_owned(),
+                )
+            })?;
+        }
+        if self.capture == Capture::Log && self.exit_when_idle {
+            return Err(ConfigError::invalid(
+                "RELAY_EXIT_WHEN_IDLE",
+                "true is accepted with CAPTURE=table only (a log stream has no end to wait for)",
+            ));
+        }
         Ok(())
+    }
+
+    /// The log stream of `CAPTURE=log`: the relay's topic mapping, sent
+    /// through `broker`.
+    pub fn log_stream(&self, pool: PgPool, broker: Broker) -> Result<LogStream, ConfigError> {
+        let topics = Arc::new(self.topics.clone());
+        let route: outbox::stream::Route = Arc::new(move |env: &Envelope| {
+            Ok(outbox::Outgoing {
+                sink: "kafka".into(),
+                topic: topics.topic_for(&env.queue)?,
+                key: env.key.clone().map(String::into_bytes),
+                payload: env.payload.clone(),
+                headers: Vec::new(),
+            })
+        });
+        let retry = self
+            .retry()
+            .map_err(|e| ConfigError::invalid("RETRY_*", e))?;
+        Ok(
+            LogStream::new(pool, self.database_url.clone(), Arc::new(broker), route)
+                .tables(self.tables()?)
+                .slot(self.capture_slot.clone())
+                .publication(self.capture_publication.clone())
+                .retry(retry)
+                .batch_size(self.batch_size)
+                .max_in_flight(self.capture_max_in_flight)
+                .heartbeat(self.capture_heartbeat),
+        )
     }
 
     /// The outbox and dead-letter tables.
@@ -490,6 +588,9 @@ impl RelayConfig {
             .workers(self.workers)
             .max_batch_bytes(self.batch_bytes)
             .max_deliveries(self.max_deliveries)
+            // In log mode the table holds the log's failed messages and the
+            // keys that follow them: one row of a key at a time keeps its order.
+            .ordered(self.capture == Capture::Log)
             .lease_ttl(lease)
             .retry(self.retry().unwrap_or_default());
         sub = match &self.dlq_table {
@@ -756,6 +857,7 @@ pub async fn run_relay_on(
         "relaying {} to Kafka",
         tables.outbox
     );
+    let broker_for_log = (config.capture == Capture::Log).then(|| broker.clone());
     let mut app = outbox::App::manual(pool.clone())
         .tables(tables.clone())
         .register(config.subscriber())
@@ -764,6 +866,14 @@ pub async fn run_relay_on(
         app = app.metrics_endpoint(endpoint);
     }
     let running = app.start().await?;
+    if config.capture == Capture::Log {
+        let stream =
+            config.log_stream(pool.clone(), broker_for_log.expect("made for log capture"))?;
+        tracing::info!(slot = %config.capture_slot, publication = %config.capture_publication, "streaming log-mode messages");
+        let result = stream.run(shutdown).await;
+        running.shutdown().await;
+        return result.map_err(RelayError::from);
+    }
     if config.exit_when_idle {
         let pending_sql = format!(
             "SELECT EXISTS (SELECT 1 FROM {} WHERE parked_at IS NULL)",

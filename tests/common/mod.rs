@@ -146,6 +146,22 @@ async fn drop_database(admin_url: &str, name: &str) -> Result<(), sqlx::Error> {
     let mut tries = 0;
     loop {
         tries += 1;
+        // A database with a replication slot cannot be dropped: end the
+        // slot's reader, then drop the slot (log-capture tests).
+        let _ = sqlx::query(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+             WHERE database = $1 AND active_pid IS NOT NULL",
+        )
+        .bind(name)
+        .execute(&mut admin)
+        .await;
+        let _ = sqlx::query(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE database = $1 AND NOT active",
+        )
+        .bind(name)
+        .execute(&mut admin)
+        .await;
         match sqlx::query(&format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#))
             .execute(&mut admin)
             .await

@@ -107,6 +107,16 @@ struct Args {
     #[arg(long, env = "RELAY_EXIT_WHEN_IDLE", default_value = "false")]
     relay_exit_when_idle: String,
     /// Address of the Prometheus /metrics, liveness /healthz and readiness /readyz endpoint; off disables it [default: 0.0.0.0:9187; when taken, the relay runs without it and logs a warning].
+    #[arg(long, env = "CAPTURE", default_value = "table")]
+    capture: String,
+    #[arg(long, env = "CAPTURE_SLOT", default_value = "outbox_relay")]
+    capture_slot: String,
+    #[arg(long, env = "CAPTURE_PUBLICATION", default_value = "outbox_relay")]
+    capture_publication: String,
+    #[arg(long, env = "CAPTURE_HEARTBEAT", default_value = "10s")]
+    capture_heartbeat: String,
+    #[arg(long, env = "CAPTURE_MAX_IN_FLIGHT", default_value = "20000")]
+    capture_max_in_flight: String,
     #[arg(long, env = "METRICS_ADDR")]
     metrics_addr: Option<String>,
     /// How often the outbox gauges (pending rows, oldest age, parked, dead letters) are counted in the database (100ms to 1h).
@@ -153,6 +163,11 @@ impl Args {
             ("RELAY_MAX_DELIVERIES", Some(self.relay_max_deliveries)),
             ("RELAY_MIGRATE", Some(self.relay_migrate)),
             ("RELAY_EXIT_WHEN_IDLE", Some(self.relay_exit_when_idle)),
+            ("CAPTURE", Some(self.capture)),
+            ("CAPTURE_SLOT", Some(self.capture_slot)),
+            ("CAPTURE_PUBLICATION", Some(self.capture_publication)),
+            ("CAPTURE_HEARTBEAT", Some(self.capture_heartbeat)),
+            ("CAPTURE_MAX_IN_FLIGHT", Some(self.capture_max_in_flight)),
             ("METRICS_ADDR", self.metrics_addr),
             (
                 "METRICS_SAMPLE_INTERVAL",

@@ -1,0 +1,1333 @@
+//! Streaming log-mode messages from a replication slot to a broker (feature
+//! `capture`).
+//!
+//! A [`LogStream`] reads the messages [`crate::Capture::Log`] wrote, in commit
+//! order, from a logical replication slot (plugin `pgoutput`, `messages
+//! 'true'`), sends them to a [`Sink`] with many batches in flight, and
+//! confirms a position (LSN) to the server only once every message of every
+//! transaction up to it was acked by the broker, moved into the outbox table
+//! or dead-lettered. A restart resumes from the confirmed position:
+//! at-least-once, with duplicates bounded by what was in flight.
+//!
+//! What fails does not block the stream:
+//! - a message the broker refuses for good is dead-lettered (`publish_rejected`),
+//!   one its route refuses as well (`rejected`), and one that cannot be
+//!   decoded (`rejected`, with the decoding error);
+//! - a message that fails transiently is moved into the outbox table with
+//!   its attempt counted and its next time from the retry strategy; the
+//!   table-mode runtime (the relay runs both) retries it and dead-letters it
+//!   at the end of its budget;
+//! - a message whose key already has a failed message in the table follows it
+//!   there, so that the key keeps its order, until the key's rows are done.
+//!
+//! When every message of a batch fails transiently (the broker is down), the
+//! batch is sent again after a pause ([`PAUSE_TRIES`] times), and the stream
+//! stops reading while its window is full; only then are the messages moved.
+//!
+//! The slot is created on the first start ([`create_slot`]) and recorded in
+//! `outbox_slots`. A recorded slot that is gone, or that PostgreSQL
+//! invalidated (`wal_status = 'lost'`), stops the stream with
+//! [`Error::Capture`]: a new slot would start at the current position and
+//! skip whatever was written since the old one's last confirmation.
+//! Re-creating it is an explicit step ([`drop_slot`], then [`create_slot`]).
+//! A slot streams to one reader at a time: a second stream on the same slot
+//! waits as a standby and takes over when the first one ends.
+
+use crate::capture::{prefix, LogMessage};
+use crate::claim::storable;
+use crate::{
+    Envelope, Error, Failure, FailureReason, HandlerError, Outgoing, RetryStrategy, Sink,
+    SinkError, Tables,
+};
+use futures::stream::{FuturesOrdered, StreamExt};
+use futures::FutureExt;
+use pgwire_replication::{
+    Lsn, PgWireError, ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig,
+};
+use sqlx::PgPool;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Counter: log messages read from the slot, by `queue`.
+pub const READ_TOTAL: &str = "outbox_capture_read_total";
+/// Counter: log messages acked by the broker, by `queue`.
+pub const SENT_TOTAL: &str = "outbox_capture_sent_total";
+/// Counter: log messages moved into the outbox table, by `queue` and
+/// `reason` (`failed`: a transient failure; `key_held`: their key had a
+/// failed message in the table).
+pub const MOVED_TOTAL: &str = "outbox_capture_moved_total";
+/// Counter: log messages dead-lettered (or parked) straight from the stream,
+/// by `queue` and `reason`.
+pub const DEAD_LETTERED_TOTAL: &str = "outbox_capture_dead_lettered_total";
+/// Gauge: bytes of WAL the slot holds back (`pg_current_wal_lsn()` minus the
+/// slot's confirmed position), by `slot`.
+pub const SLOT_LAG_BYTES: &str = "outbox_capture_slot_lag_bytes";
+/// Gauge: seconds since the oldest transaction not yet confirmed was read,
+/// by `slot`.
+pub const UNCONFIRMED_AGE_SECONDS: &str = "outbox_capture_unconfirmed_age_seconds";
+
+/// How many times a batch whose every message failed transiently is sent
+/// again (after 1, 2, 4 s) before its messages are moved into the table.
+pub const PAUSE_TRIES: u32 = 3;
+/// Default interval of the heartbeat that lets an idle database's slot
+/// advance (see [`LogStream::heartbeat`]).
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+/// Default number of messages sent per batch.
+pub const DEFAULT_BATCH: usize = 1000;
+/// Default number of messages in flight (sent, not yet settled).
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 20_000;
+
+/// Chooses the broker message for a log message, or refuses it for good
+/// (it is then dead-lettered as `rejected` with the text returned). The
+/// stream adds the outbox headers (`outbox-id`, ...) itself.
+pub type Route = Arc<dyn Fn(&Envelope) -> Result<Outgoing, String> + Send + Sync>;
+
+/// Checks a slot or publication name: PostgreSQL's rules for slot names
+/// (lower-case letters, digits and `_`, at most 63 bytes), applied to both
+/// so that neither needs quoting anywhere.
+///
+/// ```
+/// assert!(outbox::stream::validate_slot_name("SLOT_NAME", "outbox_relay").is_ok());
+/// assert!(outbox::stream::validate_slot_name("SLOT_NAME", "Relay-1").is_err());
+/// ```
+pub fn validate_slot_name(what: &str, name: &str) -> Result<(), Error> {
+    if name.is_empty()
+        || name.len() > 63
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err(Error::invalid(format!(
+            "{what}: {name:?} is not a valid name (accepted: 1 to 63 lower-case letters, digits and _)"
+        )));
+    }
+    Ok(())
+}
+
+/// What the server says of a slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SlotStatus {
+    /// The slot's name.
+    pub slot: String,
+    /// Whether the server has the slot.
+    pub exists: bool,
+    /// Whether `outbox_slots` records it as created for an outbox.
+    pub recorded: bool,
+    /// `reserved`, `extended`, `unreserved` or `lost` (`pg_replication_slots.wal_status`).
+    pub wal_status: Option<String>,
+    /// The process streaming it now, if any.
+    pub active_pid: Option<i32>,
+    /// The position confirmed by its reader.
+    pub confirmed_lsn: Option<String>,
+    /// WAL bytes it holds back.
+    pub lag_bytes: Option<i64>,
+    /// Its output plugin (`pgoutput` for ours).
+    pub plugin: Option<String>,
+    /// The database it decodes, when not the pool's own (slot names are
+    /// shared by every database of a server).
+    pub other_database: Option<String>,
+}
+
+const SLOTS_TABLE: &str = "CREATE TABLE IF NOT EXISTS outbox_slots (
+    slot_name    text PRIMARY KEY,
+    publication  text NOT NULL,
+    outbox_table text NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    created_lsn  pg_lsn NOT NULL)";
+
+/// The status of slot `slot` in the pool's database.
+pub async fn slot_status(pool: &PgPool, slot: &str) -> Result<SlotStatus, Error> {
+    use sqlx::Row;
+    let row = sqlx::query(
+        "SELECT wal_status, active_pid, confirmed_flush_lsn::text, \
+                (pg_current_wal_lsn() - confirmed_flush_lsn)::int8, plugin, \
+                CASE WHEN database IS DISTINCT FROM current_database() THEN coalesce(database, '(none: a physical slot)') END \
+         FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind(slot)
+    .fetch_optional(pool)
+    .await?;
+    // `outbox_slots` exists once a slot was created: look it up only then.
+    let registry: Option<String> = sqlx::query_scalar("SELECT to_regclass('outbox_slots')::text")
+        .fetch_one(pool)
+        .await?;
+    let recorded = match registry {
+        Some(_) => {
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM outbox_slots WHERE slot_name = $1)")
+                .bind(slot)
+                .fetch_one(pool)
+                .await?
+        }
+        None => false,
+    };
+    Ok(match row {
+        Some(r) => SlotStatus {
+            slot: slot.to_owned(),
+            exists: true,
+            recorded,
+            wal_status: r.try_get(0)?,
+            active_pid: r.try_get(1)?,
+            confirmed_lsn: r.try_get(2)?,
+            lag_bytes: r.try_get(3)?,
+            plugin: r.try_get(4)?,
+            other_database: r.try_get(5)?,
+        },
+        None => SlotStatus {
+            slot: slot.to_owned(),
+            exists: false,
+            recorded,
+            wal_status: None,
+            active_pid: None,
+            confirmed_lsn: None,
+            lag_bytes: None,
+            plugin: None,
+            other_database: None,
+        },
+    })
+}
+
+/// Creates publication `publication` (with no tables: log messages need
+/// none) when missing, and logical slot `slot` (plugin `pgoutput`), and
+/// records the slot in `outbox_slots`. Returns the slot's starting position.
+/// Needs the REPLICATION attribute and the right to create publications.
+pub async fn create_slot(
+    pool: &PgPool,
+    tables: &Tables,
+    slot: &str,
+    publication: &str,
+) -> Result<String, Error> {
+    validate_slot_name("slot", slot)?;
+    validate_slot_name("publication", publication)?;
+    ensure_publication(pool, publication).await?;
+    sqlx::query(SLOTS_TABLE).execute(pool).await?;
+    let lsn: String = sqlx::query_scalar(
+        "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
+    )
+    .bind(slot)
+    .fetch_one(pool)
+    .await
+    .map_err(|e| capture_db_error(e, slot))?;
+    sqlx::query(
+        "INSERT INTO outbox_slots (slot_name, publication, outbox_table, created_lsn) \
+         VALUES ($1, $2, $3, $4::pg_lsn) ON CONFLICT (slot_name) DO UPDATE SET \
+         publication = excluded.publication, outbox_table = excluded.outbox_table, \
+         created_at = now(), created_lsn = excluded.created_lsn",
+    )
+    .bind(slot)
+    .bind(publication)
+    .bind(tables.outbox.to_string())
+    .bind(&lsn)
+    .execute(pool)
+    .await?;
+    tracing::info!(slot, publication, lsn = %lsn, "replication slot created");
+    Ok(lsn)
+}
+
+/// Drops slot `slot` (when the server has it) and its record. Everything
+/// not yet confirmed through it is given up: only for a slot that is lost,
+/// or whose messages are no longer wanted. Returns whether the server had it.
+pub async fn drop_slot(pool: &PgPool, slot: &str) -> Result<bool, Error> {
+    validate_slot_name("slot", slot)?;
+    let dropped: bool = sqlx::query_scalar(
+        "SELECT count(pg_drop_replication_slot(slot_name)) > 0 FROM pg_replication_slots \
+         WHERE slot_name = $1 AND database = current_database()",
+    )
+    .bind(slot)
+    .fetch_one(pool)
+    .await
+    .map_err(|e| capture_db_error(e, slot))?;
+    if sqlx::query_scalar::<_, Option<String>>("SELECT to_regclass('outbox_slots')::text")
+        .fetch_one(pool)
+        .await?
+        .is_some()
+    {
+        sqlx::query("DELETE FROM outbox_slots WHERE slot_name = $1")
+            .bind(slot)
+            .execute(pool)
+            .await?;
+    }
+    Ok(dropped)
+}
+
+async fn ensure_publication(pool: &PgPool, publication: &str) -> Result<(), Error> {
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
+            .bind(publication)
+            .fetch_one(pool)
+            .await?;
+    if !exists {
+        // The name was validated: lower-case letters, digits and `_` only.
+        match sqlx::query(&format!("CREATE PUBLICATION \"{publication}\""))
+            .execute(pool)
+            .await
+        {
+            Ok(_) => tracing::info!(publication, "publication created"),
+            // Another instance created it at the same moment.
+            Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("42710") => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
+/// The error of a slot statement, with what to do about the usual causes.
+fn capture_db_error(e: sqlx::Error, slot: &str) -> Error {
+    if let sqlx::Error::Database(db) = &e {
+        let hint = match db.code().as_deref() {
+            Some("42501") => {
+                "the role needs the REPLICATION attribute (ALTER ROLE ... REPLICATION)"
+            }
+            Some("55000") => {
+                "the server needs wal_level = logical (postgresql.conf, then a restart)"
+            }
+            Some("53400") => "max_replication_slots is reached: raise it, or drop an unused slot",
+            Some("42710") => "a slot of that name exists already",
+            Some("55006") => "the slot is being streamed right now",
+            _ => "",
+        };
+        if !hint.is_empty() {
+            return Error::Capture(format!("slot {slot:?}: {}: {hint}", db.message()));
+        }
+    }
+    e.into()
+}
+
+/// Streams log-mode messages from a replication slot to a sink; see the
+/// [module docs](self).
+///
+/// ```no_run
+/// # async fn f(pool: sqlx::PgPool, sink: std::sync::Arc<dyn outbox::Sink>) -> Result<(), outbox::Error> {
+/// use outbox::stream::LogStream;
+/// let route = std::sync::Arc::new(|env: &outbox::Envelope| {
+///     Ok(outbox::Outgoing {
+///         sink: "kafka".into(),
+///         topic: env.queue.clone(),
+///         key: env.key.clone().map(String::into_bytes),
+///         payload: env.payload.clone(),
+///         headers: Vec::new(),
+///     })
+/// });
+/// LogStream::new(pool, "postgres://outbox:outbox@127.0.0.1/outbox", sink, route)
+///     .slot("outbox_relay")
+///     .run(outbox::shutdown_signal())
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub struct LogStream {
+    pool: PgPool,
+    url: String,
+    tables: Tables,
+    slot: String,
+    publication: String,
+    sink: Arc<dyn Sink>,
+    route: Route,
+    retry: Arc<dyn RetryStrategy>,
+    batch: usize,
+    max_in_flight: usize,
+    heartbeat: Duration,
+    create: bool,
+}
+
+impl std::fmt::Debug for LogStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStream")
+            .field("url", &crate::logging::redact_url(&self.url))
+            .field("tables", &self.tables)
+            .field("slot", &self.slot)
+            .field("publication", &self.publication)
+            .field("batch", &self.batch)
+            .field("max_in_flight", &self.max_in_flight)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LogStream {
+    /// A stream of the default outbox's messages from slot `outbox_relay`
+    /// (publication `outbox_relay`), created on the first start. `url` is
+    /// the database's connection URL (the replication connection is made
+    /// from it); `pool` serves the slot checks, the heartbeat and the writes
+    /// of failed messages.
+    pub fn new(pool: PgPool, url: impl Into<String>, sink: Arc<dyn Sink>, route: Route) -> Self {
+        Self {
+            pool,
+            url: url.into(),
+            tables: Tables::default(),
+            slot: "outbox_relay".into(),
+            publication: "outbox_relay".into(),
+            sink,
+            route,
+            retry: Arc::new(crate::ExponentialRetry::default()),
+            batch: DEFAULT_BATCH,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            heartbeat: DEFAULT_HEARTBEAT,
+            create: true,
+        }
+    }
+
+    /// The outbox (its name is the messages' prefix, failed messages go to
+    /// its table and dead letters to its dead-letter table).
+    pub fn tables(mut self, tables: Tables) -> Self {
+        self.tables = tables;
+        self
+    }
+
+    /// The slot's name (checked by [`validate_slot_name`] when the stream starts).
+    pub fn slot(mut self, slot: impl Into<String>) -> Self {
+        self.slot = slot.into();
+        self
+    }
+
+    /// The publication's name.
+    pub fn publication(mut self, publication: impl Into<String>) -> Self {
+        self.publication = publication.into();
+        self
+    }
+
+    /// The retry strategy that schedules a message moved into the table
+    /// after a transient failure (its first attempt counted).
+    pub fn retry(mut self, retry: impl RetryStrategy) -> Self {
+        self.retry = Arc::new(retry);
+        self
+    }
+
+    /// Messages per batch sent to the sink (default [`DEFAULT_BATCH`]).
+    pub fn batch_size(mut self, n: usize) -> Self {
+        self.batch = n.max(1);
+        self
+    }
+
+    /// Messages in flight at most (default [`DEFAULT_MAX_IN_FLIGHT`]): the
+    /// bound on what a crash can send twice.
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        self.max_in_flight = n.max(1);
+        self
+    }
+
+    /// How often, with nothing in flight, the stream writes a tiny
+    /// non-transactional message of its own so that its slot can be
+    /// confirmed past the WAL other databases and tables write (default
+    /// [`DEFAULT_HEARTBEAT`]). An idle database must not hold back WAL.
+    pub fn heartbeat(mut self, every: Duration) -> Self {
+        self.heartbeat = every.max(Duration::from_millis(10));
+        self
+    }
+
+    /// Whether a missing slot that `outbox_slots` does not record is created
+    /// (the default) or is an error.
+    pub fn create_slot(mut self, on: bool) -> Self {
+        self.create = on;
+        self
+    }
+
+    /// Streams until `shutdown` completes (then drains what is in flight and
+    /// confirms it) or until the slot cannot be streamed ([`Error::Capture`]).
+    /// A lost connection is retried with backoff from the confirmed position.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        validate_slot_name("slot", &self.slot)?;
+        validate_slot_name("publication", &self.publication)?;
+        let base = replication_config(&self.url, &self.slot, &self.publication)?;
+        let mut shutdown = std::pin::pin!(shutdown);
+        let mut confirmed = self.prepare_slot().await?;
+        let mut backoff = Duration::from_millis(200);
+        let mut standby_logged = false;
+        let mut held = Held::default();
+        held.load(&self.pool, &self.tables).await?;
+        loop {
+            // Checked on every (re)connection: a slot lost while we were
+            // away must stop the stream, not be streamed from a new start.
+            let status = slot_status(&self.pool, &self.slot).await?;
+            check_slot(&status)?;
+            if status.active_pid.is_some() {
+                // Streamed by another reader: wait for it to end, asking the
+                // catalog rather than the replication protocol (whose refusal
+                // the client logs as an error each time).
+                if !standby_logged {
+                    tracing::info!(slot = %self.slot, pid = status.active_pid, "the slot is streamed by another reader; standing by until it is free");
+                    standby_logged = true;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    _ = &mut shutdown => return Ok(()),
+                }
+            }
+            let server: Lsn = status
+                .confirmed_lsn
+                .as_deref()
+                .and_then(|s| Lsn::parse(s).ok())
+                .unwrap_or(Lsn(0));
+            confirmed = confirmed.max(server);
+            let cfg = base
+                .clone()
+                .with_start_lsn(confirmed)
+                // Confirmations reach the server within 100 ms: what a crash
+                // sends again is what was in flight, plus 100 ms of acks.
+                .with_status_interval(Duration::from_millis(100))
+                .with_wakeup_interval(Duration::from_secs(10))
+                .with_buffer_size(8192);
+            let mut client = ReplicationClient::connect(cfg)
+                .await
+                .map_err(|e| Error::Capture(format!("cannot start streaming: {e}")))?;
+            let mut run = Run::new(&self, confirmed);
+            let outcome = run
+                .stream(&mut client, &mut held, &mut shutdown, &mut standby_logged)
+                .await;
+            confirmed = run.confirmed;
+            match outcome {
+                Ok(()) => {
+                    client.update_applied_lsn(confirmed);
+                    // Give the worker a moment to send the last confirmation;
+                    // if it does not, the next start sends a few again.
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    let _ = client.shutdown().await;
+                    tracing::info!(slot = %self.slot, lsn = %confirmed, "log stream stopped");
+                    return Ok(());
+                }
+                Err(StreamEnd::Standby) => {
+                    client.abort();
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = &mut shutdown => return Ok(()),
+                    }
+                }
+                Err(StreamEnd::Fatal(e)) => {
+                    client.abort();
+                    return Err(e);
+                }
+                Err(StreamEnd::Retry(why)) => {
+                    client.abort();
+                    tracing::warn!(slot = %self.slot, retry_in = ?backoff, "log stream interrupted: {why}; resuming from {confirmed}");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = &mut shutdown => return Ok(()),
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                    continue;
+                }
+            }
+            backoff = Duration::from_millis(200);
+        }
+    }
+
+    /// Makes sure the publication and the slot exist (creating the slot only
+    /// on a first start); returns the slot's confirmed position.
+    async fn prepare_slot(&self) -> Result<Lsn, Error> {
+        let status = slot_status(&self.pool, &self.slot).await?;
+        check_other_database(&status)?;
+        if !status.exists && !status.recorded {
+            if !self.create {
+                return Err(Error::Capture(format!(
+                    "slot {:?} does not exist; create it with `outbox slot create {}`",
+                    self.slot, self.slot
+                )));
+            }
+            match create_slot(&self.pool, &self.tables, &self.slot, &self.publication).await {
+                Ok(lsn) => return Ok(Lsn::parse(&lsn).unwrap_or(Lsn(0))),
+                // Another instance created it first: stream it (or stand by).
+                Err(Error::Capture(m)) if m.contains("exists already") => {}
+                Err(e) => return Err(e),
+            }
+        } else {
+            ensure_publication(&self.pool, &self.publication).await?;
+        }
+        let status = slot_status(&self.pool, &self.slot).await?;
+        check_slot(&status)?;
+        Ok(status
+            .confirmed_lsn
+            .as_deref()
+            .and_then(|s| Lsn::parse(s).ok())
+            .unwrap_or(Lsn(0)))
+    }
+}
+
+fn check_other_database(s: &SlotStatus) -> Result<(), Error> {
+    match &s.other_database {
+        Some(_) => check_slot(s),
+        None => Ok(()),
+    }
+}
+
+/// Refuses a slot that cannot be streamed without skipping messages.
+fn check_slot(s: &SlotStatus) -> Result<(), Error> {
+    if let Some(db) = &s.other_database {
+        return Err(Error::Capture(format!(
+            "slot {:?} belongs to database {db:?}: slot names are shared by every database of \
+             the server, so give this outbox a slot name of its own",
+            s.slot
+        )));
+    }
+    if !s.exists {
+        return Err(Error::Capture(format!(
+            "slot {:?} was created for this outbox but no longer exists (dropped, or the \
+             database was restored): messages written since its last confirmed position may \
+             never be sent. Check the outbox's producers, then re-create it explicitly with \
+             `outbox slot drop {0}` and `outbox slot create {0}`",
+            s.slot
+        )));
+    }
+    if s.wal_status.as_deref() == Some("lost") {
+        return Err(Error::Capture(format!(
+            "slot {:?} is lost (wal_status = 'lost'): PostgreSQL removed WAL it still needed \
+             (max_slot_wal_keep_size), so messages written since its last confirmed position \
+             are gone from the log. Re-create it explicitly with `outbox slot drop {0}` and \
+             `outbox slot create {0}`",
+            s.slot
+        )));
+    }
+    if s.plugin.as_deref().is_some_and(|p| p != "pgoutput") {
+        return Err(Error::Capture(format!(
+            "slot {:?} uses plugin {:?}; log capture needs a pgoutput slot",
+            s.slot,
+            s.plugin.as_deref().unwrap_or("")
+        )));
+    }
+    Ok(())
+}
+
+/// The replication connection's settings from a `postgres://` URL.
+fn replication_config(
+    url: &str,
+    slot: &str,
+    publication: &str,
+) -> Result<ReplicationConfig, Error> {
+    let invalid = |why: String| {
+        Error::invalid(format!(
+            "{:?} is not a PostgreSQL URL log capture can use: {why} (accepted: \
+             postgres://user:password@host:port/database?sslmode=disable|prefer|require|verify-ca|verify-full)",
+            crate::logging::redact_url(url)
+        ))
+    };
+    let u = url::Url::parse(url).map_err(|e| invalid(e.to_string()))?;
+    if !matches!(u.scheme(), "postgres" | "postgresql") {
+        return Err(invalid(format!("scheme {:?}", u.scheme())));
+    }
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let params: HashMap<String, String> = u.query_pairs().into_owned().collect();
+    let host = params
+        .get("host")
+        .cloned()
+        .or_else(|| u.host_str().map(str::to_owned))
+        .unwrap_or_else(|| "localhost".into());
+    let user = match decode(u.username()) {
+        s if s.is_empty() => params
+            .get("user")
+            .cloned()
+            .ok_or_else(|| invalid("no user".into()))?,
+        s => s,
+    };
+    let password = u
+        .password()
+        .map(decode)
+        .or_else(|| params.get("password").cloned())
+        .unwrap_or_default();
+    let database = match decode(u.path().trim_start_matches('/')) {
+        s if s.is_empty() => user.clone(),
+        s => s,
+    };
+    let port = params
+        .get("port")
+        .and_then(|p| p.parse().ok())
+        .or(u.port())
+        .unwrap_or(5432);
+    let tls = match params.get("sslmode").map(String::as_str) {
+        None | Some("disable") | Some("allow") => TlsConfig::disabled(),
+        Some("prefer") => {
+            let mut t = TlsConfig::disabled();
+            t.mode = pgwire_replication::SslMode::Prefer;
+            t
+        }
+        Some("require") => TlsConfig::require(),
+        Some("verify-ca") => TlsConfig::verify_ca(params.get("sslrootcert").map(Into::into)),
+        Some("verify-full") => TlsConfig::verify_full(params.get("sslrootcert").map(Into::into)),
+        Some(other) => return Err(invalid(format!("sslmode {other:?}"))),
+    };
+    Ok(
+        ReplicationConfig::new(host, user, password, database, slot, publication)
+            .with_port(port)
+            .with_tls(tls)
+            .with_application_name("outbox-log-stream"),
+    )
+}
+
+/// Keys with a failed message in the table: their later messages follow it
+/// there, so that each key keeps its order.
+#[derive(Default)]
+struct Held {
+    /// `(queue, key)` and when this stream last moved a message of it.
+    keys: HashMap<(String, String), Instant>,
+    checked: Option<Instant>,
+}
+
+impl Held {
+    /// Keys of the rows a previous run moved (tried at least once) and that
+    /// are not done.
+    async fn load(&mut self, pool: &PgPool, tables: &Tables) -> Result<(), Error> {
+        let rows: Vec<(String, String)> = sqlx::query_as(&format!(
+            "SELECT DISTINCT queue, partition_key FROM {o} \
+             WHERE partition_key IS NOT NULL AND parked_at IS NULL AND attempts > 0",
+            o = tables.outbox.quoted()
+        ))
+        .fetch_all(pool)
+        .await?;
+        let now = Instant::now();
+        for k in rows {
+            self.keys.insert(k, now);
+        }
+        Ok(())
+    }
+
+    fn holds(&self, queue: &str, key: Option<&str>) -> bool {
+        match key {
+            Some(k) if !self.keys.is_empty() => {
+                self.keys.contains_key(&(queue.to_owned(), k.to_owned()))
+            }
+            _ => false,
+        }
+    }
+
+    /// Lets go of the keys whose rows are all done (at most once a second).
+    async fn refresh(&mut self, pool: &PgPool, tables: &Tables) {
+        if self.keys.is_empty()
+            || self
+                .checked
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(1))
+        {
+            return;
+        }
+        let started = Instant::now();
+        self.checked = Some(started);
+        let (queues, keys): (Vec<String>, Vec<String>) = self.keys.keys().cloned().unzip();
+        let still: Result<Vec<(String, String)>, _> = sqlx::query_as(&format!(
+            "SELECT u.q, u.k FROM unnest($1::text[], $2::text[]) AS u(q, k) WHERE EXISTS (\
+                SELECT 1 FROM {o} o WHERE o.queue = u.q AND o.partition_key = u.k AND o.parked_at IS NULL)",
+            o = tables.outbox.quoted()
+        ))
+        .bind(queues)
+        .bind(keys)
+        .fetch_all(pool)
+        .await;
+        let Ok(still) = still else { return };
+        let still: std::collections::HashSet<(String, String)> = still.into_iter().collect();
+        // A key moved after the query started may not be visible to it yet.
+        self.keys
+            .retain(|k, moved| still.contains(k) || *moved >= started);
+    }
+}
+
+/// Why a streaming session ended without a shutdown.
+enum StreamEnd {
+    /// Another reader streams the slot: wait and try again.
+    Standby,
+    /// The slot cannot be streamed: stop.
+    Fatal(Error),
+    /// Anything else: reconnect from the confirmed position.
+    Retry(String),
+}
+
+/// What becomes of one message of a batch.
+enum Action {
+    /// Sent to the sink (index into the batch's outgoing messages).
+    Send,
+    /// Moved into the table untried: its key is held.
+    MoveHeld,
+    /// Dead-lettered without a send.
+    DeadLetter(FailureReason, String),
+}
+
+struct Item {
+    txn: u64,
+    env: Envelope,
+    action: Action,
+}
+
+/// One transaction's progress: confirmed once all its messages are settled.
+struct Txn {
+    seq: u64,
+    pending: usize,
+    end: Option<Lsn>,
+    read_at: Instant,
+}
+
+type Sent = (Vec<Item>, Vec<Result<(), SinkError>>);
+
+/// The state of one streaming session.
+struct Run<'a> {
+    s: &'a LogStream,
+    prefix: String,
+    heartbeat_prefix: String,
+    confirmed: Lsn,
+    txns: VecDeque<Txn>,
+    next_seq: u64,
+    open: Option<(u64, i64)>,
+    batch: Vec<Item>,
+    in_flight: usize,
+    last_event: Instant,
+}
+
+impl<'a> Run<'a> {
+    fn new(s: &'a LogStream, confirmed: Lsn) -> Self {
+        let prefix = prefix(&s.tables);
+        Self {
+            s,
+            heartbeat_prefix: format!("{prefix}:heartbeat"),
+            prefix,
+            confirmed,
+            txns: VecDeque::new(),
+            next_seq: 0,
+            open: None,
+            batch: Vec::new(),
+            in_flight: 0,
+            last_event: Instant::now(),
+        }
+    }
+
+    async fn stream(
+        &mut self,
+        client: &mut ReplicationClient,
+        held: &mut Held,
+        shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+        standby_logged: &mut bool,
+    ) -> Result<(), StreamEnd> {
+        let mut sending: FuturesOrdered<futures::future::BoxFuture<'static, Sent>> =
+            FuturesOrdered::new();
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_heartbeat = Instant::now();
+        let mut started = false;
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut *shutdown => {
+                    // Drain: what is in flight is settled and confirmed.
+                    self.flush(&mut sending);
+                    let drain = async {
+                        while let Some(done) = sending.next().await {
+                            self.settle(done, held).await?;
+                        }
+                        Ok::<(), StreamEnd>(())
+                    };
+                    match tokio::time::timeout(Duration::from_secs(20), drain).await {
+                        Ok(r) => r?,
+                        Err(_) => tracing::warn!(slot = %self.s.slot, "log stream stopped with sends still in flight; they are sent again on the next start"),
+                    }
+                    return Ok(());
+                }
+                Some(done) = sending.next(), if !sending.is_empty() => {
+                    self.settle(done, held).await?;
+                    client.update_applied_lsn(self.confirmed);
+                }
+                ev = client.recv(), if self.in_flight < self.s.max_in_flight => {
+                    let ev = ev.map_err(|e| classify(&e, &self.s.slot, standby_logged))?;
+                    let Some(ev) = ev else {
+                        return Err(StreamEnd::Retry("the server ended the stream".into()));
+                    };
+                    if !started {
+                        started = true;
+                        if *standby_logged {
+                            tracing::info!(slot = %self.s.slot, "took over the slot");
+                            *standby_logged = false;
+                        }
+                    }
+                    self.event(ev, held);
+                    // Take whatever else is ready, then send it as one batch.
+                    while self.batch.len() < self.s.batch && self.in_flight < self.s.max_in_flight {
+                        match client.recv().now_or_never() {
+                            Some(Ok(Some(ev))) => self.event(ev, held),
+                            Some(Ok(None)) => return Err(StreamEnd::Retry("the server ended the stream".into())),
+                            Some(Err(e)) => return Err(classify(&e, &self.s.slot, standby_logged)),
+                            None => break,
+                        }
+                    }
+                    self.flush(&mut sending);
+                    self.advance();
+                    client.update_applied_lsn(self.confirmed);
+                }
+                _ = tick.tick() => {
+                    held.refresh(&self.s.pool, &self.s.tables).await;
+                    let age = self.txns.front().map_or(0.0, |t| t.read_at.elapsed().as_secs_f64());
+                    metrics::gauge!(UNCONFIRMED_AGE_SECONDS, "slot" => self.s.slot.clone()).set(age);
+                    if self.txns.is_empty() && self.open.is_none()
+                        && last_heartbeat.elapsed() >= self.s.heartbeat
+                        && self.last_event.elapsed() >= self.s.heartbeat
+                    {
+                        last_heartbeat = Instant::now();
+                        self.beat().await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes the heartbeat message, and samples the slot's lag.
+    async fn beat(&self) {
+        if let Err(e) = sqlx::query("SELECT pg_logical_emit_message(false, $1, ''::bytea)")
+            .bind(&self.heartbeat_prefix)
+            .execute(&self.s.pool)
+            .await
+        {
+            tracing::warn!(slot = %self.s.slot, "heartbeat failed: {e}");
+        }
+        if let Ok(s) = slot_status(&self.s.pool, &self.s.slot).await {
+            if let Some(lag) = s.lag_bytes {
+                metrics::gauge!(SLOT_LAG_BYTES, "slot" => self.s.slot.clone()).set(lag as f64);
+            }
+        }
+    }
+
+    fn event(&mut self, ev: ReplicationEvent, held: &Held) {
+        self.last_event = Instant::now();
+        match ev {
+            ReplicationEvent::Begin {
+                commit_time_micros, ..
+            } => {
+                let seq = self.next_seq;
+                self.next_seq += 1;
+                // PostgreSQL's epoch is 2000-01-01.
+                let ms = commit_time_micros / 1000 + 946_684_800_000;
+                self.open = Some((seq, ms));
+                self.txns.push_back(Txn {
+                    seq,
+                    pending: 0,
+                    end: None,
+                    read_at: Instant::now(),
+                });
+            }
+            ReplicationEvent::Commit { end_lsn, .. } => {
+                if let Some((seq, _)) = self.open.take() {
+                    if let Some(t) = self.txns.iter_mut().rev().find(|t| t.seq == seq) {
+                        t.end = Some(end_lsn);
+                    }
+                }
+            }
+            ReplicationEvent::Message {
+                transactional,
+                lsn,
+                prefix,
+                content,
+            } => {
+                if prefix == self.heartbeat_prefix {
+                    self.idle_confirm(lsn);
+                    return;
+                }
+                if prefix != self.prefix {
+                    return;
+                }
+                let (txn, created_ms) = match (transactional, self.open) {
+                    (true, Some(open)) => open,
+                    // Sent at once, even if its transaction rolled back
+                    // later; a unit of its own, confirmed at its position.
+                    _ => {
+                        let seq = self.next_seq;
+                        self.next_seq += 1;
+                        self.txns.push_back(Txn {
+                            seq,
+                            pending: 0,
+                            end: Some(lsn),
+                            read_at: Instant::now(),
+                        });
+                        let now_ms = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .map_or(0, |d| d.as_millis() as i64);
+                        (seq, now_ms)
+                    }
+                };
+                let item = self.item(txn, created_ms, lsn, &content, held);
+                if let Some(t) = self.txns.iter_mut().rev().find(|t| t.seq == txn) {
+                    t.pending += 1;
+                }
+                self.in_flight += 1;
+                self.batch.push(item);
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => self.idle_confirm(wal_end),
+            // Table changes (none: the publication has no tables) and the
+            // end of a bounded stream (never asked for).
+            ReplicationEvent::XLogData { .. } | ReplicationEvent::StoppedAt { .. } => {}
+        }
+    }
+
+    /// With nothing read and unsettled, everything up to `lsn` is done.
+    fn idle_confirm(&mut self, lsn: Lsn) {
+        if self.txns.is_empty()
+            && self.open.is_none()
+            && self.batch.is_empty()
+            && lsn > self.confirmed
+        {
+            self.confirmed = lsn;
+        }
+    }
+
+    fn item(&self, txn: u64, created_ms: i64, lsn: Lsn, content: &[u8], held: &Held) -> Item {
+        let msg = match LogMessage::decode(content) {
+            Ok(m) => m,
+            Err(e) => {
+                let mut env = Envelope::new(0, "(undecodable)", content.to_vec());
+                env.created_at_ms = created_ms;
+                return Item {
+                    txn,
+                    env,
+                    action: Action::DeadLetter(FailureReason::Rejected, format!("{e} (at {lsn})")),
+                };
+            }
+        };
+        metrics::counter!(READ_TOTAL, "queue" => msg.queue.clone()).increment(1);
+        let mut env = Envelope::new(msg.id, msg.queue, msg.payload);
+        env.key = msg.key;
+        env.correlation_id = msg.correlation_id;
+        env.headers = msg.headers;
+        env.created_at_ms = created_ms;
+        let action = if held.holds(&env.queue, env.key.as_deref()) {
+            Action::MoveHeld
+        } else {
+            Action::Send
+        };
+        Item { txn, env, action }
+    }
+
+    /// Sends the batch read so far (items with nothing to send pass through).
+    fn flush(&mut self, sending: &mut FuturesOrdered<futures::future::BoxFuture<'static, Sent>>) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let mut items = std::mem::take(&mut self.batch);
+        // The route's refusals are known before the send.
+        let mut out = Vec::new();
+        for item in &mut items {
+            if let Action::Send = item.action {
+                match (self.s.route)(&item.env) {
+                    Ok(mut o) => {
+                        crate::runtime::add_headers(&mut o, &item.env);
+                        out.push(o);
+                    }
+                    Err(why) => item.action = Action::DeadLetter(FailureReason::Rejected, why),
+                }
+            }
+        }
+        let sink = self.s.sink.clone();
+        sending.push_back(
+            async move {
+                let results = send_with_pauses(&*sink, out).await;
+                (items, results)
+            }
+            .boxed(),
+        );
+    }
+
+    /// Settles a sent batch in stream order: dead letters and moves are
+    /// written first, then the batch's transactions count it done.
+    async fn settle(&mut self, (items, results): Sent, held: &mut Held) -> Result<(), StreamEnd> {
+        let mut results = results.into_iter();
+        let mut moves: Vec<(&Envelope, u32, Option<Duration>, Option<String>)> = Vec::new();
+        let mut dead: Vec<(&Envelope, FailureReason, String, u32)> = Vec::new();
+        for item in &items {
+            match &item.action {
+                Action::Send => match results.next() {
+                    Some(Ok(())) => {
+                        metrics::counter!(SENT_TOTAL, "queue" => item.env.queue.clone())
+                            .increment(1);
+                    }
+                    Some(Err(e)) if e.permanent => {
+                        dead.push((
+                            &item.env,
+                            FailureReason::PublishRejected,
+                            e.message.clone(),
+                            1,
+                        ));
+                    }
+                    other => {
+                        let message = match other {
+                            Some(Err(e)) => e.message,
+                            _ => "the sink answered fewer results than messages".into(),
+                        };
+                        let err = HandlerError::transient(&message);
+                        match self
+                            .s
+                            .retry
+                            .next_delay(&Failure::new(1, Duration::ZERO, &err))
+                        {
+                            Some(delay) => moves.push((&item.env, 1, Some(delay), Some(message))),
+                            None => {
+                                dead.push((&item.env, FailureReason::RetriesExhausted, message, 1))
+                            }
+                        }
+                    }
+                },
+                Action::MoveHeld => moves.push((&item.env, 0, None, None)),
+                Action::DeadLetter(reason, why) => dead.push((&item.env, *reason, why.clone(), 0)),
+            }
+        }
+        if !moves.is_empty() {
+            self.write_moves(&moves).await?;
+            let now = Instant::now();
+            for (env, attempts, _, _) in &moves {
+                if let Some(k) = &env.key {
+                    held.keys.insert((env.queue.clone(), k.clone()), now);
+                }
+                let reason = if *attempts == 0 { "key_held" } else { "failed" };
+                metrics::counter!(MOVED_TOTAL, "queue" => env.queue.clone(), "reason" => reason)
+                    .increment(1);
+            }
+        }
+        if !dead.is_empty() {
+            self.write_dead(&dead).await?;
+            for (env, reason, why, _) in &dead {
+                tracing::warn!(queue = %env.queue, id = env.id, reason = %reason, "{} | log message failed for good: {why}", env.queue);
+                metrics::counter!(DEAD_LETTERED_TOTAL, "queue" => env.queue.clone(), "reason" => reason.as_str()).increment(1);
+            }
+        }
+        for item in &items {
+            if let Some(t) = self.txns.iter_mut().find(|t| t.seq == item.txn) {
+                t.pending -= 1;
+            }
+        }
+        self.in_flight -= items.len();
+        self.advance();
+        Ok(())
+    }
+
+    /// Confirms every leading transaction whose messages are all settled.
+    fn advance(&mut self) {
+        while let Some(t) = self.txns.front() {
+            match t.end {
+                Some(end) if t.pending == 0 => {
+                    if end > self.confirmed {
+                        self.confirmed = end;
+                    }
+                    self.txns.pop_front();
+                }
+                _ => break,
+            }
+        }
+    }
+
+    /// Moves messages into the outbox table, keeping their ids (a message
+    /// already there from an earlier run is left as it is).
+    async fn write_moves(
+        &self,
+        moves: &[(&Envelope, u32, Option<Duration>, Option<String>)],
+    ) -> Result<(), StreamEnd> {
+        let sql = crate::sql::move_from_log(&self.s.tables);
+        retry_write("moving failed log messages into the table", || {
+            let mut ids = Vec::new();
+            let mut queues = Vec::new();
+            let mut payloads = Vec::new();
+            let mut headers = Vec::new();
+            let mut keys = Vec::new();
+            let mut corr = Vec::new();
+            let mut created = Vec::new();
+            let mut delays = Vec::new();
+            let mut attempts = Vec::new();
+            let mut errors = Vec::new();
+            for (env, a, delay, err) in moves {
+                ids.push(env.id);
+                queues.push(env.queue.clone());
+                payloads.push(env.payload.clone());
+                headers.push(headers_json(&env.headers));
+                keys.push(env.key.clone());
+                corr.push(env.correlation_id.clone());
+                created.push(env.created_at_ms);
+                delays.push(delay.map_or(0, |d| {
+                    i64::try_from(d.min(crate::claim::MAX_RETRY_DELAY).as_micros())
+                        .unwrap_or(i64::MAX)
+                }));
+                attempts.push(*a as i32);
+                errors.push(err.as_deref().map(|e| storable(e).into_owned()));
+            }
+            sqlx::query(&sql)
+                .bind(ids)
+                .bind(queues)
+                .bind(payloads)
+                .bind(headers)
+                .bind(keys)
+                .bind(corr)
+                .bind(created)
+                .bind(delays)
+                .bind(attempts)
+                .bind(errors)
+                .execute(&self.s.pool)
+        })
+        .await
+    }
+
+    /// Dead-letters messages (or parks them in the table without a
+    /// dead-letter table).
+    async fn write_dead(
+        &self,
+        dead: &[(&Envelope, FailureReason, String, u32)],
+    ) -> Result<(), StreamEnd> {
+        let sql = crate::sql::dead_letter_from_log(&self.s.tables);
+        retry_write("dead-lettering log messages", || {
+            let mut ids = Vec::new();
+            let mut queues = Vec::new();
+            let mut payloads = Vec::new();
+            let mut headers = Vec::new();
+            let mut keys = Vec::new();
+            let mut corr = Vec::new();
+            let mut created = Vec::new();
+            let mut reasons = Vec::new();
+            let mut errors = Vec::new();
+            let mut attempts = Vec::new();
+            for (env, reason, why, a) in dead {
+                ids.push(env.id);
+                queues.push(env.queue.clone());
+                payloads.push(env.payload.clone());
+                headers.push(headers_json(&env.headers));
+                keys.push(env.key.clone());
+                corr.push(env.correlation_id.clone());
+                created.push(env.created_at_ms);
+                reasons.push(reason.as_str().to_owned());
+                errors.push(storable(why).into_owned());
+                attempts.push(*a as i32);
+            }
+            sqlx::query(&sql)
+                .bind(ids)
+                .bind(queues)
+                .bind(payloads)
+                .bind(headers)
+                .bind(keys)
+                .bind(corr)
+                .bind(created)
+                .bind(reasons)
+                .bind(errors)
+                .bind(attempts)
+                .execute(&self.s.pool)
+        })
+        .await
+    }
+}
+
+fn headers_json(h: &BTreeMap<String, String>) -> serde_json::Value {
+    serde_json::to_value(h).unwrap_or_else(|_| serde_json::json!({}))
+}
+
+/// A write that settles messages is retried a few times; if the database
+/// stays away, the session ends and resumes from the confirmed position
+/// (the messages are read, and sent, again).
+async fn retry_write<F, Fut>(what: &str, mut write: F) -> Result<(), StreamEnd>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<sqlx::postgres::PgQueryResult, sqlx::Error>>,
+{
+    let mut pause = Duration::from_millis(100);
+    for attempt in 1..=5 {
+        match write().await {
+            Ok(_) => return Ok(()),
+            Err(e) if attempt == 5 => {
+                return Err(StreamEnd::Retry(format!("{what} failed: {e}")));
+            }
+            Err(e) => {
+                tracing::warn!("{what} failed (attempt {attempt} of 5): {e}");
+                tokio::time::sleep(pause).await;
+                pause *= 2;
+            }
+        }
+    }
+    unreachable!("the last attempt returns")
+}
+
+/// Sends a batch; when every message failed transiently (the broker is
+/// unreachable), sends it again after a pause, [`PAUSE_TRIES`] times.
+async fn send_with_pauses(sink: &dyn Sink, out: Vec<Outgoing>) -> Vec<Result<(), SinkError>> {
+    if out.is_empty() {
+        return Vec::new();
+    }
+    let mut pause = Duration::from_secs(1);
+    for _ in 0..PAUSE_TRIES {
+        let results = sink.send(out.clone()).await;
+        let all_transient = results.len() == out.len()
+            && results.iter().all(|r| matches!(r, Err(e) if !e.permanent));
+        if !all_transient {
+            return results;
+        }
+        tracing::warn!(
+            messages = out.len(),
+            retry_in = ?pause,
+            "every message of a batch failed ({}); the stream pauses",
+            results.first().and_then(|r| r.as_ref().err()).map_or("", |e| e.message.as_str())
+        );
+        tokio::time::sleep(pause).await;
+        pause *= 2;
+    }
+    sink.send(out).await
+}
+
+/// What a replication error means for the stream.
+fn classify(e: &PgWireError, slot: &str, standby_logged: &mut bool) -> StreamEnd {
+    let text = e.to_string();
+    if text.contains("SQLSTATE 55006") {
+        if !*standby_logged {
+            tracing::info!(
+                slot,
+                "the slot is streamed by another reader; standing by until it is free"
+            );
+            *standby_logged = true;
+        }
+        return StreamEnd::Standby;
+    }
+    let fatal_hint = if text.contains("SQLSTATE 42704") {
+        Some("the slot does not exist")
+    } else if text.contains("can no longer get changes") || text.contains("has been invalidated") {
+        Some("the slot is lost (wal_status = 'lost')")
+    } else if text.contains("SQLSTATE 42501") || e.is_auth() {
+        Some("the role cannot stream (it needs LOGIN and REPLICATION, and a valid password)")
+    } else if text.contains("publication") && text.contains("does not exist") {
+        Some("the publication does not exist")
+    } else {
+        None
+    };
+    match fatal_hint {
+        Some(hint) => StreamEnd::Fatal(Error::Capture(format!("slot {slot:?}: {hint}: {text}"))),
+        None => StreamEnd::Retry(text),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_replication_connection_comes_from_the_url() {
+        let c = replication_config(
+            "postgres://us%40er:p%3Aw@db.example:6432/shop?sslmode=require",
+            "s",
+            "p",
+        )
+        .unwrap();
+        assert_eq!((c.host.as_str(), c.port), ("db.example", 6432));
+        assert_eq!((c.user.as_str(), c.password.as_str()), ("us@er", "p:w"));
+        assert_eq!(c.database, "shop");
+        assert_eq!(c.tls.mode, pgwire_replication::SslMode::Require);
+    }
+
+    #[test]
+    fn a_bad_url_is_refused_without_its_password() {
+        let e = replication_config("mysql://u:secret@h/db", "s", "p").unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("scheme \"mysql\""), "{text}");
+        assert!(!text.contains("secret"), "{text}");
+        let e = replication_config("postgres://u:secret@h/db?sslmode=maybe", "s", "p").unwrap_err();
+        assert!(e.to_string().contains("sslmode \"maybe\""), "{e}");
+    }
+
+    #[test]
+    fn slot_names_follow_postgres_rules() {
+        for ok in ["outbox_relay", "a", "s1_2"] {
+            assert!(validate_slot_name("SLOT_NAME", ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "Relay", "a-b", "a b", &"x".repeat(64)] {
+            let e = validate_slot_name("SLOT_NAME", bad)
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with("SLOT_NAME: "), "{e}");
+            assert!(
+                e.contains("accepted: 1 to 63 lower-case letters, digits and _"),
+                "{e}"
+            );
+        }
+    }
+}
