@@ -19,6 +19,14 @@
 //!   stacked Kafka publisher, as `#[kafka::publisher] #[outbox::subscriber]` does.
 //! * `sql`: the PostgreSQL ceiling, a plain `DELETE ... WHERE id IN (SELECT ... FOR
 //!   UPDATE SKIP LOCKED) RETURNING` loop in this process, no Kafka.
+//! * `log`: the `outbox-relay` binary with `CAPTURE=log`; the messages are
+//!   published in log mode (`pg_logical_emit_message`, no table row) after its
+//!   slot was created, and a drain ends when the slot is confirmed up to the
+//!   end of the load.
+//! * `kafka`: the Kafka ceiling (drain only), a bare rdkafka `FutureProducer`
+//!   in this process sending the same messages (payload, key, an `outbox-id`
+//!   header) with the relay's producer settings, `--batch` of them in flight at
+//!   a time; no database.
 //!
 //! * workload `observe` (relay only, no timing): a backlog of `--rows` rows and
 //!   one 2 MB row that Kafka refuses, drained by the relay at batch 100 while
@@ -46,6 +54,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 const QUEUE: &str = "bench";
+/// The replication slot of mode `log`.
+const SLOT: &str = "outbox_bench";
 const KEYS: usize = 100;
 
 #[derive(Debug, Clone)]
@@ -145,9 +155,9 @@ fn parse_args() -> Result<Opts, String> {
         }
     }
     for m in &o.modes {
-        if !["relay", "handler", "sql"].contains(&m.as_str()) {
+        if !["relay", "handler", "sql", "log", "kafka"].contains(&m.as_str()) {
             return Err(format!(
-                "unknown mode {m:?} (accepted: relay, handler, sql)"
+                "unknown mode {m:?} (accepted: relay, handler, sql, log, kafka)"
             ));
         }
     }
@@ -199,10 +209,54 @@ async fn reset(pool: &PgPool) {
     pool.execute("TRUNCATE outbox, outbox_dlq, outbox_listeners RESTART IDENTITY")
         .await
         .expect("truncate");
+    outbox::stream::drop_slot(pool, SLOT)
+        .await
+        .expect("drop the bench slot");
+}
+
+/// Mode `log` publishes in log mode, into a slot that exists before the
+/// first message.
+fn outbox_for(pool_mode: &str) -> Outbox {
+    if pool_mode == "log" {
+        Outbox::default().capture(outbox::Capture::Log)
+    } else {
+        Outbox::default()
+    }
+}
+
+async fn create_slot(pool: &PgPool) {
+    outbox::stream::create_slot(pool, &Tables::default(), SLOT, "outbox_relay")
+        .await
+        .expect("create the bench slot");
+}
+
+/// Whether the slot is confirmed up to `lsn`.
+async fn confirmed_to(pool: &PgPool, lsn: &str) -> bool {
+    sqlx::query_scalar::<_, bool>(
+        "SELECT confirmed_flush_lsn >= $1::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+    )
+    .bind(lsn)
+    .bind(SLOT)
+    .fetch_optional(pool)
+    .await
+    .ok()
+    .flatten()
+    .unwrap_or(false)
+}
+
+async fn wal_lsn(pool: &PgPool) -> String {
+    sqlx::query_scalar("SELECT pg_current_wal_lsn()::text")
+        .fetch_one(pool)
+        .await
+        .expect("pg_current_wal_lsn")
 }
 
 async fn load(pool: &PgPool, rows: usize) {
-    let ob = Outbox::default();
+    load_as(pool, rows, "table").await
+}
+
+async fn load_as(pool: &PgPool, rows: usize, mode: &str) {
+    let ob = outbox_for(mode);
     let mut i = 0;
     while i < rows {
         let n = (rows - i).min(5_000);
@@ -307,7 +361,7 @@ struct System {
 impl System {
     fn start(o: &Opts, mode: &str, db_url: &str, topic: &str, batch: usize) -> Self {
         let exe = std::env::current_exe().expect("current exe");
-        let mut cmd = if mode == "relay" {
+        let mut cmd = if mode == "relay" || mode == "log" {
             let relay = sibling_binary("outbox-relay", BUILD_RELAY).unwrap_or_else(|e| {
                 eprintln!("{e}");
                 std::process::exit(2);
@@ -328,6 +382,8 @@ impl System {
             .env("RELAY_BATCH_SIZE", batch.to_string())
             .env("RELAY_CONCURRENCY", batch.to_string())
             .env("RELAY_WORKERS", o.workers.to_string())
+            .env("CAPTURE", if mode == "log" { "log" } else { "table" })
+            .env("CAPTURE_SLOT", SLOT)
             .env(
                 "RUST_LOG",
                 std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "info".into()),
@@ -376,6 +432,8 @@ fn settings(o: &Opts, mode: &str, batch: usize, extra: &str) -> String {
     let what = match mode {
         "relay" => "target/release/outbox-relay child process",
         "handler" => "subscriber + stacked Kafka publisher (serde_json in/out), child process",
+        "log" => "target/release/outbox-relay child process, CAPTURE=log (messages published in log mode)",
+        "kafka" => "bare rdkafka FutureProducer in-process, the same messages, `batch` in flight at a time, no database",
         _ => "plain SQL DELETE .. WHERE id IN (SELECT .. ORDER BY next_attempt_at LIMIT b FOR UPDATE SKIP LOCKED) RETURNING, in-process",
     };
     let kafka = if mode == "sql" {
@@ -505,7 +563,11 @@ async fn drain_system(
     rows: usize,
 ) -> Record {
     reset(pool).await;
-    load(pool, rows).await;
+    if mode == "log" {
+        create_slot(pool).await;
+    }
+    load_as(pool, rows, mode).await;
+    let loaded = wal_lsn(pool).await;
     let topic = unique_topic(mode);
     outbox_kafka::ensure_topic(&BrokerConfig::new(&o.brokers), &topic, o.partitions)
         .await
@@ -513,7 +575,7 @@ async fn drain_system(
     let t = Instant::now();
     let mut system = System::start(o, mode, db_url, &topic, batch);
     let limit = Duration::from_secs(1800);
-    while !is_empty(pool).await {
+    while !(is_empty(pool).await && (mode != "log" || confirmed_to(pool, &loaded).await)) {
         if t.elapsed() > limit {
             panic!("{mode} did not drain {rows} rows within {limit:?}");
         }
@@ -550,6 +612,73 @@ fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
     }
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     Some(sorted[i.min(sorted.len() - 1)])
+}
+
+/// The Kafka ceiling: the drain's messages sent by a bare producer with the
+/// relay's settings (acks=all, idempotent), `batch` in flight at a time.
+async fn drain_kafka(o: &Opts, batch: usize, rows: usize) -> Record {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let topic = unique_topic("kafka");
+    outbox_kafka::ensure_topic(&BrokerConfig::new(&o.brokers), &topic, o.partitions)
+        .await
+        .expect("create topic");
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &o.brokers)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "0")
+        .create()
+        .expect("producer");
+    let msgs: Vec<(String, Vec<u8>)> = (0..rows)
+        .map(|n| {
+            (
+                format!("key-{}", n % KEYS),
+                serde_json::to_vec(&payload(n, 0)).expect("json"),
+            )
+        })
+        .collect();
+    let t = Instant::now();
+    for (start, chunk) in msgs.chunks(batch).enumerate() {
+        let mut sends = Vec::with_capacity(chunk.len());
+        for (i, (key, body)) in chunk.iter().enumerate() {
+            let id = (start * batch + i).to_string();
+            let record = FutureRecord::to(&topic).key(key).payload(body).headers(
+                OwnedHeaders::new().insert(Header {
+                    key: "outbox-id",
+                    value: Some(&id),
+                }),
+            );
+            match producer.send_result(record) {
+                Ok(delivery) => sends.push(delivery),
+                Err((e, _)) => panic!("enqueue: {e}"),
+            }
+        }
+        for s in sends {
+            s.await.expect("delivery").expect("acked");
+        }
+    }
+    let seconds = t.elapsed().as_secs_f64();
+    let in_kafka = kafka_count(&o.brokers, &topic).await;
+    Record {
+        system: "kafka-ceiling",
+        mode: "kafka".into(),
+        workload: "drain".into(),
+        batch_size: batch,
+        messages: rows,
+        seconds,
+        p50_ms: None,
+        p99_ms: None,
+        max_ms: None,
+        cpu_s: None,
+        peak_rss_mb: None,
+        settings: settings(
+            o,
+            "kafka",
+            batch,
+            &format!("; verified {in_kafka} messages in Kafka"),
+        ),
+    }
 }
 
 /// Producers at `rate` msgs/s in concurrent transactions for the duration; a
@@ -609,9 +738,12 @@ async fn steady(
         }
     });
 
+    if mode == "log" {
+        create_slot(pool).await;
+    }
     let mut system = System::start(o, mode, db_url, &topic, batch);
     // Warm-up: wait until the system forwards a first row.
-    let ob = Outbox::default();
+    let ob = outbox_for(mode);
     ob.publish_message(pool, message(0, now_us()))
         .await
         .expect("warm-up publish");
@@ -639,8 +771,9 @@ async fn steady(
     for p in 0..producers {
         let pool = pool.clone();
         let committed = committed.clone();
+        let mode = mode.to_owned();
         tasks.push(tokio::spawn(async move {
-            let ob = Outbox::default();
+            let ob = outbox_for(&mode);
             let mut tick = tokio::time::interval_at(
                 tokio::time::Instant::now() + interval.mul_f64(p as f64 / producers as f64),
                 interval,
@@ -1187,6 +1320,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         async move {
                             match m.as_str() {
                                 "sql" => drain_sql(&o, &pool, b, rows).await,
+                                "kafka" => drain_kafka(&o, b, rows).await,
                                 mode => drain_system(&o, &pool, &db_url, mode, b, rows).await,
                             }
                         }
@@ -1197,7 +1331,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         } else {
             let rate = if w == "steady-1000" { 1_000 } else { 10_000 };
-            for m in o.modes.iter().filter(|m| *m != "sql") {
+            for m in o.modes.iter().filter(|m| *m != "sql" && *m != "kafka") {
                 let what = format!("{m} {w}");
                 let r = attempt(&what, || {
                     let (o, pool, db_url, m, w) = (

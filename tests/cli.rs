@@ -590,3 +590,60 @@ fn with_password(url: &str, password: &str) -> String {
     let user = url[scheme_end..at].split(':').next().unwrap();
     format!("{}{user}:{password}{}", &url[..scheme_end], &url[at..])
 }
+
+#[tokio::test]
+async fn slot_status_create_and_drop() {
+    let db = migrated().await;
+    // Slot names are shared by every database of the server.
+    let slot = format!("cli_{}", db.name().trim_start_matches("outbox_test_"));
+
+    let r = cli(&db, &["slot", "status", &slot]).await;
+    ok(&r);
+    assert!(r.out.contains("does not exist"), "{}", r.out);
+    assert!(r.out.contains("creates it on its first start"), "{}", r.out);
+
+    let r = cli(&db, &["slot", "create", &slot]).await;
+    ok(&r);
+    assert!(
+        r.out
+            .contains(&format!("created slot {slot} (publication outbox_relay)")),
+        "{}",
+        r.out
+    );
+    let r = cli(&db, &["slot", "create", &slot]).await;
+    assert_eq!(r.exit, Exit::Failed, "a second create is refused");
+    assert!(
+        r.err.contains("a slot of that name exists already"),
+        "{}",
+        r.err
+    );
+
+    let r = cli(&db, &["slot", "status", &slot, "--json"]).await;
+    ok(&r);
+    let v: serde_json::Value = serde_json::from_str(&r.out).unwrap();
+    assert_eq!(v["exists"], true);
+    assert_eq!(v["recorded"], true);
+    assert_eq!(v["plugin"], "pgoutput");
+    assert_eq!(v["active_pid"], serde_json::Value::Null);
+
+    let r = cli(&db, &["slot", "drop", &slot]).await;
+    assert_eq!(r.exit, Exit::Usage, "no terminal, no --yes: refused");
+    let r = cli(&db, &["slot", "drop", &slot, "--yes"]).await;
+    ok(&r);
+    assert!(r.out.contains("dropped"), "{}", r.out);
+    let r = cli(&db, &["slot", "status", &slot]).await;
+    assert!(r.out.contains("does not exist"), "{}", r.out);
+    assert_eq!(
+        count(&db.pool, "select count(*) from outbox_slots").await,
+        0
+    );
+
+    let r = cli(&db, &["slot", "status", "Bad-Name"]).await;
+    assert_eq!(r.exit, Exit::Usage);
+    assert!(
+        r.err.contains("accepted: 1 to 63 lower-case letters"),
+        "{}",
+        r.err
+    );
+    db.drop_db().await;
+}

@@ -153,6 +153,41 @@ enum Command {
     /// Check that the live schema is what this version expects, and advise on
     /// table settings
     Validate,
+    /// The replication slot of log capture: status, create, drop
+    #[command(subcommand)]
+    Slot(SlotCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SlotCommand {
+    /// The slot's state: WAL kept back, confirmed position, its reader
+    Status {
+        /// The slot's name
+        #[arg(default_value = "outbox_relay")]
+        slot: String,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create the slot (and its publication when missing); a relay with
+    /// CAPTURE=log streams from it. It starts at the current position
+    Create {
+        /// The slot's name
+        #[arg(default_value = "outbox_relay")]
+        slot: String,
+        /// The publication's name
+        #[arg(long, default_value = "outbox_relay")]
+        publication: String,
+    },
+    /// Drop the slot: whatever it has not confirmed is given up (asks first)
+    Drop {
+        /// The slot's name
+        #[arg(default_value = "outbox_relay")]
+        slot: String,
+        /// Do not ask for confirmation
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -373,6 +408,7 @@ async fn execute(cli: Cli, console: &mut Console<'_>) -> Res {
         Command::Dlq(cmd) => dlq(&pool, &tables, cmd, console).await,
         Command::Parked(cmd) => parked(&pool, &tables, cmd, console).await,
         Command::Validate => validate::run(&pool, &tables, console).await,
+        Command::Slot(cmd) => slot(&pool, &tables, cmd, console).await,
     };
     pool.close().await;
     r
@@ -476,6 +512,91 @@ async fn migrate(pool: &PgPool, tables: &Tables, console: &mut Console<'_>) -> R
     )
     .map_err(io)?;
     Ok(Exit::Ok)
+}
+
+async fn slot(pool: &PgPool, tables: &Tables, cmd: SlotCommand, console: &mut Console<'_>) -> Res {
+    use crate::stream;
+    match cmd {
+        SlotCommand::Status { slot, json } => {
+            stream::validate_slot_name("slot", &slot)?;
+            let s = stream::slot_status(pool, &slot).await?;
+            if json {
+                json_out(
+                    console,
+                    &serde_json::json!({
+                        "slot": s.slot,
+                        "exists": s.exists,
+                        "recorded": s.recorded,
+                        "wal_status": s.wal_status,
+                        "active_pid": s.active_pid,
+                        "confirmed_lsn": s.confirmed_lsn,
+                        "lag_bytes": s.lag_bytes,
+                        "plugin": s.plugin,
+                        "other_database": s.other_database,
+                    }),
+                )?;
+                return Ok(Exit::Ok);
+            }
+            if !s.exists {
+                let why = if s.recorded {
+                    "it was created for this outbox and is gone: messages since its last confirmation may be lost; see `outbox slot create`"
+                } else {
+                    "a relay with CAPTURE=log creates it on its first start, or run `outbox slot create`"
+                };
+                writeln!(console.out, "slot {slot}: does not exist ({why})").map_err(io)?;
+                return Ok(Exit::Ok);
+            }
+            let or = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+            let lines = [
+                ("slot", s.slot.clone()),
+                (
+                    "database",
+                    or(s.other_database.clone().or(Some("this one".into()))),
+                ),
+                ("plugin", or(s.plugin.clone())),
+                ("wal_status", or(s.wal_status.clone())),
+                ("confirmed", or(s.confirmed_lsn.clone())),
+                (
+                    "kept back",
+                    s.lag_bytes
+                        .map_or("-".into(), |b| format!("{b} bytes of WAL")),
+                ),
+                (
+                    "reader",
+                    s.active_pid.map_or("none".into(), |p| format!("pid {p}")),
+                ),
+            ];
+            for (k, v) in lines {
+                writeln!(console.out, "{k:<11} {v}").map_err(io)?;
+            }
+            Ok(Exit::Ok)
+        }
+        SlotCommand::Create { slot, publication } => {
+            let lsn = stream::create_slot(pool, tables, &slot, &publication).await?;
+            writeln!(
+                console.out,
+                "created slot {slot} (publication {publication}) at {lsn}: log messages from here on are streamed by a relay with CAPTURE=log CAPTURE_SLOT={slot}"
+            )
+            .map_err(io)?;
+            Ok(Exit::Ok)
+        }
+        SlotCommand::Drop { slot, yes } => {
+            stream::validate_slot_name("slot", &slot)?;
+            confirm(
+                console,
+                yes,
+                &format!("drop slot {slot} (messages it has not confirmed are given up)"),
+            )?;
+            let had = stream::drop_slot(pool, &slot).await?;
+            let what = if had {
+                "dropped"
+            } else {
+                "had no such slot; its record is removed"
+            };
+            writeln!(console.out, "slot {slot}: {what}").map_err(io)?;
+            Ok(Exit::Ok)
+        }
+    }
 }
 
 async fn status(pool: &PgPool, tables: &Tables, json: bool, console: &mut Console<'_>) -> Res {
