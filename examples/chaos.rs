@@ -1,7 +1,9 @@
 //! The chaos run: at-least-once delivery while things break.
 //!
 //! For each mode (`relay`: two `outbox-relay` processes; `handler`: two
-//! `chaos_handler` processes, a subscriber with a stacked `#[kafka::publisher]`)
+//! `chaos_handler` processes, a subscriber with a stacked `#[kafka::publisher]`;
+//! `log`: two `outbox-relay` processes with `CAPTURE=log`, one streaming the
+//! slot and one standing by, the numbers published in log mode)
 //! the driver publishes N uniquely numbered messages, each in the same
 //! transaction as a business row (`chaos_published`), and meanwhile, in random
 //! order, one after the other:
@@ -46,12 +48,13 @@
 //! succeeded.
 //!
 //! ```text
-//! scripts/chaos                 # full run: 200,000 per mode, both modes
+//! scripts/chaos                 # full run: 200,000 per mode, all three modes
 //! scripts/chaos --bounded       # CI: 20,000 per mode
 //! cargo run --release --example chaos -- --n 2000 --mode relay --no-restarts
 //! ```
 //!
-//! Options: `--n N`, `--mode relay|handler|both`, `--window SECS` (the
+//! Options: `--n N`, `--mode relay|handler|log|both|all` (both: relay and
+//! handler; all, the default: the three), `--window SECS` (the
 //! publishing time the events are spread over), `--no-restarts` (no service
 //! restarts and no Kafka pause: leaves the shared services alone),
 //! `--no-kills`, `--no-poison`, `--no-vacuum`, `--seed S`,
@@ -69,7 +72,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use outbox::{Message, Outbox, Tables};
+use outbox::{Capture, Message, Outbox, Tables};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -109,6 +112,18 @@ const HANDLER_WRITE_TIMEOUT: Duration = Duration::from_secs(8);
 const RELAY_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const RELAY_BATCH_SIZE: u64 = 500;
 const RELAY_WORKERS: u64 = 2;
+/// Mode `log`: the relays' slot and their window of messages in flight.
+const LOG_SLOT: &str = "outbox_chaos_log";
+const LOG_MAX_IN_FLIGHT: u64 = 2000;
+
+/// Where a mode publishes.
+fn capture_of(mode: Mode) -> Capture {
+    if mode == Mode::Log {
+        Capture::Log
+    } else {
+        Capture::Table
+    }
+}
 /// How much longer than the lease the Kafka broker is paused.
 const PAUSE_OVER_LEASE: Duration = Duration::from_secs(10);
 /// On the command line of the broker `scripts/services` starts.
@@ -125,6 +140,9 @@ struct Numbered {
 enum Mode {
     Relay,
     Handler,
+    /// Two `outbox-relay` processes with `CAPTURE=log`, the numbers
+    /// published in log mode (one streams the slot, the other stands by).
+    Log,
 }
 
 impl Mode {
@@ -132,13 +150,14 @@ impl Mode {
         match self {
             Mode::Relay => "relay",
             Mode::Handler => "handler",
+            Mode::Log => "log",
         }
     }
 
     /// The instances' lease, which the Kafka pause exceeds.
     fn lease(self) -> Duration {
         match self {
-            Mode::Relay => {
+            Mode::Relay | Mode::Log => {
                 (RELAY_WRITE_TIMEOUT * 2 + Duration::from_secs(10)).max(outbox::DEFAULT_LEASE_TTL)
             }
             Mode::Handler => HANDLER_LEASE,
@@ -147,7 +166,7 @@ impl Mode {
 
     fn write_timeout(self) -> Duration {
         match self {
-            Mode::Relay => RELAY_WRITE_TIMEOUT,
+            Mode::Relay | Mode::Log => RELAY_WRITE_TIMEOUT,
             Mode::Handler => HANDLER_WRITE_TIMEOUT,
         }
     }
@@ -170,7 +189,7 @@ struct Opts {
 }
 
 fn usage() -> &'static str {
-    "usage: chaos [--n N] [--mode relay|handler|both] [--window SECS] [--no-restarts] [--no-kills] \
+    "usage: chaos [--n N] [--mode relay|handler|log|both|all] [--window SECS] [--no-restarts] [--no-kills] \
      [--no-poison] [--no-vacuum] [--seed S] [--drain-timeout SECS] [--relay-bin PATH] [--handler-bin PATH] [--keep-db]"
 }
 
@@ -184,7 +203,7 @@ fn parse_opts() -> Result<Opts, String> {
         .unwrap_or_default();
     let mut o = Opts {
         n: 20_000,
-        modes: vec![Mode::Relay, Mode::Handler],
+        modes: vec![Mode::Relay, Mode::Handler, Mode::Log],
         window: Duration::from_secs(60),
         restarts: true,
         kills: true,
@@ -217,11 +236,13 @@ fn parse_opts() -> Result<Opts, String> {
             "--mode" => {
                 o.modes = match value("--mode")?.as_str() {
                     "relay" => vec![Mode::Relay],
+                    "log" => vec![Mode::Log],
+                    "all" => vec![Mode::Relay, Mode::Handler, Mode::Log],
                     "handler" => vec![Mode::Handler],
                     "both" => vec![Mode::Relay, Mode::Handler],
                     other => {
                         return Err(format!(
-                            "--mode: {other:?} is not one of relay, handler, both"
+                            "--mode: {other:?} is not one of relay, handler, log, both (relay and handler), all"
                         ))
                     }
                 }
@@ -248,7 +269,11 @@ fn parse_opts() -> Result<Opts, String> {
             other => return Err(format!("unknown option {other:?}; {}", usage())),
         }
     }
-    for (mode, bin) in [(Mode::Relay, &o.relay_bin), (Mode::Handler, &o.handler_bin)] {
+    for (mode, bin) in [
+        (Mode::Relay, &o.relay_bin),
+        (Mode::Handler, &o.handler_bin),
+        (Mode::Log, &o.relay_bin),
+    ] {
         if o.modes.contains(&mode) && !bin.is_file() {
             return Err(format!(
                 "{} not found (build it, or pass --{}-bin)",
@@ -355,6 +380,7 @@ async fn fresh_database(name: &str) -> Result<(PgPool, String), BoxError> {
     let admin_url = database_url();
     retrying("create the database", Duration::from_secs(60), || async {
         let mut admin = PgConnection::connect(&admin_url).await?;
+        drop_slots(&mut admin, name).await?;
         sqlx::query(&format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#))
             .execute(&mut admin)
             .await?;
@@ -382,8 +408,40 @@ async fn fresh_database(name: &str) -> Result<(PgPool, String), BoxError> {
     Ok((pool, url))
 }
 
+/// Drops the slots of database `name` (a database with a slot cannot be
+/// dropped), ending their readers first.
+async fn drop_slots(admin: &mut PgConnection, name: &str) -> Result<(), BoxError> {
+    sqlx::query(
+        "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+         WHERE database = $1 AND active_pid IS NOT NULL",
+    )
+    .bind(name)
+    .execute(&mut *admin)
+    .await?;
+    for _ in 0..50 {
+        sqlx::query(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE database = $1 AND NOT active",
+        )
+        .bind(name)
+        .execute(&mut *admin)
+        .await?;
+        let left: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_replication_slots WHERE database = $1")
+                .bind(name)
+                .fetch_one(&mut *admin)
+                .await?;
+        if left == 0 {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!("the replication slots of {name} stay active").into())
+}
+
 async fn drop_database(name: &str) -> Result<(), BoxError> {
     let mut admin = PgConnection::connect(&database_url()).await?;
+    drop_slots(&mut admin, name).await?;
     sqlx::query(&format!(r#"DROP DATABASE IF EXISTS "{name}" WITH (FORCE)"#))
         .execute(&mut admin)
         .await?;
@@ -405,7 +463,12 @@ struct PublishStats {
 }
 
 /// One transaction: the business rows and their outbox rows.
-async fn publish_once(pool: &PgPool, run: &str, nums: &[i64]) -> Result<(), BoxError> {
+async fn publish_once(
+    pool: &PgPool,
+    capture: Capture,
+    run: &str,
+    nums: &[i64],
+) -> Result<(), BoxError> {
     let mut tx = pool.begin().await?;
     sqlx::query("INSERT INTO chaos_published (n) SELECT unnest($1::bigint[])")
         .bind(nums)
@@ -423,16 +486,25 @@ async fn publish_once(pool: &PgPool, run: &str, nums: &[i64]) -> Result<(), BoxE
             )
         })
         .collect::<Result<Vec<_>, _>>()?;
-    Outbox::default().publish_batch(&mut *tx, msgs).await?;
+    Outbox::default()
+        .capture(capture)
+        .publish_batch(&mut *tx, msgs)
+        .await?;
     tx.commit().await?;
     Ok(())
 }
 
 /// Publishes `nums` until a commit is known to have succeeded.
-async fn publish_confirmed(pool: &PgPool, run: &str, nums: &[i64], stats: &PublishStats) {
+async fn publish_confirmed(
+    pool: &PgPool,
+    capture: Capture,
+    run: &str,
+    nums: &[i64],
+    stats: &PublishStats,
+) {
     let mut backoff = Duration::from_millis(50);
     loop {
-        let error = match publish_once(pool, run, nums).await {
+        let error = match publish_once(pool, capture, run, nums).await {
             Ok(()) => break,
             Err(e) => e,
         };
@@ -530,6 +602,7 @@ async fn publish_poison(pool: &PgPool, run: &str) -> Result<i64, BoxError> {
 /// that is still at work.
 async fn publisher(
     pool: PgPool,
+    capture: Capture,
     run: String,
     n: u64,
     window: Duration,
@@ -545,7 +618,7 @@ async fn publisher(
         }
         let end = (next + BATCH as u64).min(n);
         let nums: Vec<i64> = (next..end).map(|i| i as i64).collect();
-        publish_confirmed(&pool, &run, &nums, &stats).await;
+        publish_confirmed(&pool, capture, &run, &nums, &stats).await;
         next = end;
         // Pace the numbers over the window so the events hit a busy system.
         let due = window.mul_f64(next as f64 / n as f64);
@@ -1103,7 +1176,9 @@ fn schedule(o: &Opts, mode: Mode, rng: &mut Rng) -> Vec<(Duration, Event)> {
         ]);
     }
     let paused = events.iter().any(|e| matches!(e, Event::PauseKafka(_)));
-    if o.vacuum && !paused {
+    // Log mode keeps the table empty: nothing for a VACUUM FULL to rewrite.
+    let vacuum = o.vacuum && mode != Mode::Log;
+    if vacuum && !paused {
         events.push(Event::VacuumFull);
     }
     if o.poison && mode == Mode::Handler {
@@ -1124,7 +1199,7 @@ fn schedule(o: &Opts, mode: Mode, rng: &mut Rng) -> Vec<(Duration, Event)> {
         out.push((pause, e));
         // The VACUUM FULL follows the Kafka pause by 1 to 3 s: the backlog
         // of the pause is being drained, many rows are in flight.
-        if o.vacuum && matches!(e, Event::PauseKafka(_)) {
+        if vacuum && matches!(e, Event::PauseKafka(_)) {
             let after = Duration::from_millis(1000 + rng.below(2000) as u64);
             out.push((after, Event::VacuumFull));
         }
@@ -1397,6 +1472,9 @@ fn check_handler_settings(log_dir: &Path) -> Vec<String> {
 fn duplicate_bound(mode: Mode, kills: u32, crashes: u32, stats: &ChaosStats) -> (u64, String) {
     let per_instance = match mode {
         Mode::Relay => RELAY_WORKERS * RELAY_BATCH_SIZE,
+        // What the stream has in flight, plus 100 ms of acks not yet
+        // confirmed to the server (at most a batch per 5 ms here).
+        Mode::Log => LOG_MAX_IN_FLIGHT + 20 * RELAY_BATCH_SIZE,
         Mode::Handler => HANDLER_WORKERS * HANDLER_BATCH_SIZE,
     };
     let rounds =
@@ -1429,6 +1507,7 @@ async fn run_mode(mode: Mode, o: &Opts, rng: &mut Rng) -> Result<Report, BoxErro
     let (pool, url) = fresh_database(&db_name).await?;
     let topic = match mode {
         Mode::Relay => format!("chaos.relay.{run}"),
+        Mode::Log => format!("chaos.log.{run}"),
         Mode::Handler => HANDLER_TOPIC.to_owned(),
     };
     fresh_topic(&topic, mode == Mode::Handler).await?;
@@ -1441,7 +1520,7 @@ async fn run_mode(mode: Mode, o: &Opts, rng: &mut Rng) -> Result<Report, BoxErro
         ("RUST_LOG".into(), "warn".into()),
     ];
     let bin = match mode {
-        Mode::Relay => {
+        Mode::Relay | Mode::Log => {
             env.extend([
                 (
                     "PUBLISHER_URL".into(),
@@ -1460,6 +1539,21 @@ async fn run_mode(mode: Mode, o: &Opts, rng: &mut Rng) -> Result<Report, BoxErro
                 ("RELAY_BATCH_SIZE".into(), RELAY_BATCH_SIZE.to_string()),
                 ("RELAY_WORKERS".into(), RELAY_WORKERS.to_string()),
             ]);
+            if mode == Mode::Log {
+                env.extend([
+                    ("CAPTURE".into(), "log".into()),
+                    ("CAPTURE_SLOT".into(), LOG_SLOT.into()),
+                    (
+                        "CAPTURE_MAX_IN_FLIGHT".into(),
+                        LOG_MAX_IN_FLIGHT.to_string(),
+                    ),
+                    // Two relays on one host.
+                    ("METRICS_ADDR".into(), "off".into()),
+                ]);
+                // The slot exists before the first number is published.
+                outbox::stream::create_slot(&pool, &Tables::default(), LOG_SLOT, "outbox_relay")
+                    .await?;
+            }
             o.relay_bin.clone()
         }
         Mode::Handler => {
@@ -1507,6 +1601,7 @@ async fn run_mode(mode: Mode, o: &Opts, rng: &mut Rng) -> Result<Report, BoxErro
     let (done_tx, done_rx) = tokio::sync::watch::channel(false);
     let publish = tokio::spawn(publisher(
         pool.clone(),
+        capture_of(mode),
         run.clone(),
         o.n,
         o.window,
@@ -1533,13 +1628,43 @@ async fn run_mode(mode: Mode, o: &Opts, rng: &mut Rng) -> Result<Report, BoxErro
     );
     let chaos_stats = chaos_task.await?;
 
-    // Drain: wait until the outbox is empty.
+    // Drain: wait until the outbox is empty (and, in log mode, the slot is
+    // confirmed up to everything published).
     let drain_start = Instant::now();
     let mut last_print = Instant::now();
     let mut problems = Vec::new();
+    let published_to: String =
+        retrying("read the WAL position", Duration::from_secs(60), || async {
+            Ok(
+                sqlx::query_scalar::<_, String>("SELECT pg_current_wal_lsn()::text")
+                    .fetch_one(&pool)
+                    .await?,
+            )
+        })
+        .await?;
     loop {
+        let confirmed = mode != Mode::Log
+            || sqlx::query_scalar::<_, bool>(
+                "SELECT confirmed_flush_lsn >= $1::pg_lsn FROM pg_replication_slots WHERE slot_name = $2",
+            )
+            .bind(&published_to)
+            .bind(LOG_SLOT)
+            .fetch_optional(&pool)
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or(false);
         match scalar(&pool, "SELECT count(*) FROM outbox").await {
-            Ok(0) => break,
+            Ok(0) if confirmed => break,
+            Ok(0) => {
+                if last_print.elapsed() > Duration::from_secs(5) {
+                    println!(
+                        "chaos: {} the slot is not confirmed up to {published_to} yet",
+                        stamp(start)
+                    );
+                    last_print = Instant::now();
+                }
+            }
             Ok(left) => {
                 if last_print.elapsed() > Duration::from_secs(5) {
                     println!("chaos: {} {left} rows still in the outbox", stamp(start));

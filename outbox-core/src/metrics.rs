@@ -26,6 +26,7 @@
 //! | `outbox_parked_rows` | gauge | queue | rows parked (failed for good, no dead-letter table) |
 //! | `outbox_dlq_rows` | gauge | queue | rows in the dead-letter tables |
 //! | `outbox_kafka_queue_depth` | gauge | (set by the Kafka crate) | messages in the producer's queue |
+//! | `outbox_capture_*` | | | log capture, see `outbox::stream` (feature `capture`) |
 //!
 //! The row gauges come from a sampler the app runs while metrics are served
 //! (every 5 s by default, see [`Endpoint::sample_interval`]). Every instance

@@ -433,8 +433,6 @@ impl LogStream {
         let mut confirmed = self.prepare_slot().await?;
         let mut backoff = Duration::from_millis(200);
         let mut standby_logged = false;
-        let mut held = Held::default();
-        held.load(&self.pool, &self.tables).await?;
         loop {
             // Checked on every (re)connection: a slot lost while we were
             // away must stop the stream, not be streamed from a new start.
@@ -467,6 +465,10 @@ impl LogStream {
                 .with_status_interval(Duration::from_millis(100))
                 .with_wakeup_interval(Duration::from_secs(10))
                 .with_buffer_size(8192);
+            // The keys held now, including those a reader before this one
+            // (a relay that was streamed while this one stood by) moved.
+            let mut held = Held::default();
+            held.load(&self.pool, &self.tables).await?;
             let mut client = ReplicationClient::connect(cfg)
                 .await
                 .map_err(|e| Error::Capture(format!("cannot start streaming: {e}")))?;
@@ -756,6 +758,14 @@ struct Txn {
 
 type Sent = (Vec<Item>, Vec<Result<(), SinkError>>);
 
+/// Transaction `seq`: the queue holds consecutive sequence numbers (pushed in
+/// order, popped from the front), so it is found by its offset.
+fn txn_mut(txns: &mut VecDeque<Txn>, seq: u64) -> Option<&mut Txn> {
+    let first = txns.front()?.seq;
+    let t = txns.get_mut(usize::try_from(seq.checked_sub(first)?).ok()?)?;
+    (t.seq == seq).then_some(t)
+}
+
 /// The state of one streaming session.
 struct Run<'a> {
     s: &'a LogStream,
@@ -881,7 +891,10 @@ impl<'a> Run<'a> {
     }
 
     fn event(&mut self, ev: ReplicationEvent, held: &Held) {
-        self.last_event = Instant::now();
+        if !matches!(ev, ReplicationEvent::KeepAlive { .. }) {
+            // Outbox traffic (or any transaction): no heartbeat needed.
+            self.last_event = Instant::now();
+        }
         match ev {
             ReplicationEvent::Begin {
                 commit_time_micros, ..
@@ -900,7 +913,7 @@ impl<'a> Run<'a> {
             }
             ReplicationEvent::Commit { end_lsn, .. } => {
                 if let Some((seq, _)) = self.open.take() {
-                    if let Some(t) = self.txns.iter_mut().rev().find(|t| t.seq == seq) {
+                    if let Some(t) = txn_mut(&mut self.txns, seq) {
                         t.end = Some(end_lsn);
                     }
                 }
@@ -938,7 +951,7 @@ impl<'a> Run<'a> {
                     }
                 };
                 let item = self.item(txn, created_ms, lsn, &content, held);
-                if let Some(t) = self.txns.iter_mut().rev().find(|t| t.seq == txn) {
+                if let Some(t) = txn_mut(&mut self.txns, txn) {
                     t.pending += 1;
                 }
                 self.in_flight += 1;
@@ -975,7 +988,6 @@ impl<'a> Run<'a> {
                 };
             }
         };
-        metrics::counter!(READ_TOTAL, "queue" => msg.queue.clone()).increment(1);
         let mut env = Envelope::new(msg.id, msg.queue, msg.payload);
         env.key = msg.key;
         env.correlation_id = msg.correlation_id;
@@ -995,6 +1007,13 @@ impl<'a> Run<'a> {
             return;
         }
         let mut items = std::mem::take(&mut self.batch);
+        crate::metrics::count_by_queue(
+            READ_TOTAL,
+            items
+                .iter()
+                .filter(|i| i.env.id != 0)
+                .map(|i| i.env.queue.as_str()),
+        );
         // The route's refusals are known before the send.
         let mut out = Vec::new();
         for item in &mut items {
@@ -1024,13 +1043,11 @@ impl<'a> Run<'a> {
         let mut results = results.into_iter();
         let mut moves: Vec<(&Envelope, u32, Option<Duration>, Option<String>)> = Vec::new();
         let mut dead: Vec<(&Envelope, FailureReason, String, u32)> = Vec::new();
+        let mut sent: Vec<&str> = Vec::new();
         for item in &items {
             match &item.action {
                 Action::Send => match results.next() {
-                    Some(Ok(())) => {
-                        metrics::counter!(SENT_TOTAL, "queue" => item.env.queue.clone())
-                            .increment(1);
-                    }
+                    Some(Ok(())) => sent.push(&item.env.queue),
                     Some(Err(e)) if e.permanent => {
                         dead.push((
                             &item.env,
@@ -1061,6 +1078,7 @@ impl<'a> Run<'a> {
                 Action::DeadLetter(reason, why) => dead.push((&item.env, *reason, why.clone(), 0)),
             }
         }
+        crate::metrics::count_by_queue(SENT_TOTAL, sent);
         if !moves.is_empty() {
             self.write_moves(&moves).await?;
             let now = Instant::now();
@@ -1081,7 +1099,7 @@ impl<'a> Run<'a> {
             }
         }
         for item in &items {
-            if let Some(t) = self.txns.iter_mut().find(|t| t.seq == item.txn) {
+            if let Some(t) = txn_mut(&mut self.txns, item.txn) {
                 t.pending -= 1;
             }
         }

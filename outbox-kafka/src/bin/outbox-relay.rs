@@ -6,6 +6,9 @@
 //! failure such as a missing table.
 
 use clap::Parser;
+
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use outbox_kafka::relay::{run_relay, LogFormat, RelayConfig, RelayError};
 use std::process::ExitCode;
 
