@@ -38,6 +38,8 @@ mod listen;
 pub mod logging;
 pub mod metrics;
 mod names;
+#[cfg(feature = "capture")]
+mod pgoutput;
 mod publish;
 pub mod retry;
 mod runtime;

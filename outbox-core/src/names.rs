@@ -49,6 +49,11 @@ impl TableName {
         })
     }
 
+    /// The table's schema, when one was given.
+    pub fn schema(&self) -> Option<&str> {
+        self.schema.as_deref()
+    }
+
     /// The table's own name, without schema.
     pub fn name(&self) -> &str {
         &self.name

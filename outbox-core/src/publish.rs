@@ -139,6 +139,17 @@ impl Message {
         Outbox::default().publish_message(executor, self).await
     }
 
+    /// The log-mode content after the version and the id (see [`crate::capture`]).
+    fn log_body(&self) -> Vec<u8> {
+        crate::capture::encode_body(
+            &self.queue,
+            self.key.as_deref(),
+            self.correlation_id.as_deref(),
+            &self.headers,
+            &self.payload,
+        )
+    }
+
     /// Whether log mode can carry the message: the log has no "not before",
     /// so delayed messages and timers go to the table.
     fn fits_the_log(&self) -> bool {
@@ -302,13 +313,7 @@ impl Outbox {
     {
         msg.validate()?;
         if self.capture == Capture::Log && msg.fits_the_log() {
-            let body = crate::capture::encode_body(
-                &msg.queue,
-                msg.key.as_deref(),
-                msg.correlation_id.as_deref(),
-                &msg.headers,
-                &msg.payload,
-            );
+            let body = msg.log_body();
             let id: i64 = sqlx::query_scalar(&crate::sql::emit_one())
                 .bind(crate::capture::prefix(&self.tables))
                 .bind(body)
@@ -375,13 +380,7 @@ impl Outbox {
         let mut bodies = Vec::with_capacity(msgs.len());
         for msg in &msgs {
             msg.validate()?;
-            bodies.push(crate::capture::encode_body(
-                &msg.queue,
-                msg.key.as_deref(),
-                msg.correlation_id.as_deref(),
-                &msg.headers,
-                &msg.payload,
-            ));
+            bodies.push(msg.log_body());
         }
         let ids: Vec<i64> = sqlx::query_scalar(&crate::sql::emit_batch())
             .bind(crate::capture::prefix(&self.tables))

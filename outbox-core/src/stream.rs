@@ -329,6 +329,7 @@ pub struct LogStream {
     max_in_flight: usize,
     heartbeat: Duration,
     create: bool,
+    table: Option<Arc<CaptureTable>>,
 }
 
 impl std::fmt::Debug for LogStream {
@@ -364,6 +365,7 @@ impl LogStream {
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             heartbeat: DEFAULT_HEARTBEAT,
             create: true,
+            table: None,
         }
     }
 
@@ -412,6 +414,13 @@ impl LogStream {
     /// [`DEFAULT_HEARTBEAT`]). An idle database must not hold back WAL.
     pub fn heartbeat(mut self, every: Duration) -> Self {
         self.heartbeat = every.max(Duration::from_millis(10));
+        self
+    }
+
+    /// Also captures the rows inserted into a table of producers' own (see
+    /// [`CaptureTable`]): the table is added to the publication at start.
+    pub fn capture_table(mut self, table: CaptureTable) -> Self {
+        self.table = Some(Arc::new(table));
         self
     }
 
@@ -526,13 +535,18 @@ impl LogStream {
                 )));
             }
             match create_slot(&self.pool, &self.tables, &self.slot, &self.publication).await {
-                Ok(lsn) => return Ok(Lsn::parse(&lsn).unwrap_or(Lsn(0))),
+                Ok(_) => {}
                 // Another instance created it first: stream it (or stand by).
                 Err(Error::Capture(m)) if m.contains("exists already") => {}
                 Err(e) => return Err(e),
             }
         } else {
             ensure_publication(&self.pool, &self.publication).await?;
+        }
+        if let Some(t) = &self.table {
+            // Before the slot's first use: an insert is published only if
+            // the table was in the publication when it was written.
+            t.add_to(&self.pool, &self.publication).await?;
         }
         let status = slot_status(&self.pool, &self.slot).await?;
         check_slot(&status)?;
@@ -657,6 +671,322 @@ fn replication_config(
     )
 }
 
+/// A table whose inserted rows are captured as messages (from the same slot
+/// as the log-mode messages, in commit order), so that producers that cannot
+/// call `pg_logical_emit_message` (other languages, an existing
+/// Debezium-style outbox table) need no polling. A producer may insert and
+/// delete the row in the same transaction: only inserts are read, and the
+/// table stays empty.
+///
+/// Each row's message id (the `outbox-id` header) is its WAL position,
+/// negated: unique, the same when the row is read again after a restart, and
+/// never one of the outbox table's own (positive) ids. The row's own id
+/// column, if mapped, goes in the `id` header, as Debezium's outbox router
+/// sends it.
+///
+/// ```
+/// let t = outbox::stream::CaptureTable::parse("outbox_events", "queue=aggregatetype,payload=payload").unwrap();
+/// assert_eq!(t.to_string(), "outbox_events (queue=aggregatetype, payload=payload)");
+/// assert!(outbox::stream::CaptureTable::parse("outbox_events", "payload=payload").is_err());
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaptureTable {
+    table: crate::TableName,
+    /// `(schema, name)` once resolved in the database.
+    resolved: std::sync::OnceLock<(String, String)>,
+    queue: String,
+    payload: String,
+    key: Option<String>,
+    id: Option<String>,
+    correlation_id: Option<String>,
+    headers: Option<String>,
+    header_columns: Vec<(String, String)>,
+}
+
+/// The column mapping of a Debezium outbox table (`id`, `aggregatetype`,
+/// `aggregateid`, `type`, `payload`), the default of [`CaptureTable::debezium`].
+pub const DEBEZIUM_COLUMNS: &str =
+    "id=id,queue=aggregatetype,key=aggregateid,payload=payload,header.type=type";
+
+impl CaptureTable {
+    /// A Debezium outbox table: `aggregatetype` is the queue (mapped to a
+    /// topic like any queue), `aggregateid` the key, `payload` the payload,
+    /// `type` the header `type`, `id` the header `id`.
+    pub fn debezium(table: &str) -> Result<Self, Error> {
+        Self::parse(table, DEBEZIUM_COLUMNS)
+    }
+
+    /// A table and its mapping, `field=column` pairs separated by commas:
+    /// `queue` and `payload` (required), `key`, `id`, `correlation_id`,
+    /// `headers` (a `jsonb` object of strings), and `header.NAME` for a
+    /// column sent as header `NAME`.
+    pub fn parse(table: &str, columns: &str) -> Result<Self, Error> {
+        let table = crate::TableName::new(table)?;
+        let mut t = Self {
+            table,
+            resolved: std::sync::OnceLock::new(),
+            queue: String::new(),
+            payload: String::new(),
+            key: None,
+            id: None,
+            correlation_id: None,
+            headers: None,
+            header_columns: Vec::new(),
+        };
+        let accepted =
+            "accepted: field=column pairs separated by commas, fields queue and payload \
+                        (required), key, id, correlation_id, headers and header.NAME";
+        for pair in columns.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (field, col) = pair
+                .split_once('=')
+                .map(|(f, c)| (f.trim(), c.trim()))
+                .filter(|(_, c)| !c.is_empty())
+                .ok_or_else(|| {
+                    Error::invalid(format!("{pair:?} is not field=column ({accepted})"))
+                })?;
+            let col = col.to_owned();
+            match field {
+                "queue" => t.queue = col,
+                "payload" => t.payload = col,
+                "key" => t.key = Some(col),
+                "id" => t.id = Some(col),
+                "correlation_id" => t.correlation_id = Some(col),
+                "headers" => t.headers = Some(col),
+                f if f.starts_with("header.") && f.len() > 7 => {
+                    let name = &f[7..];
+                    if name
+                        .to_ascii_lowercase()
+                        .starts_with(crate::RESERVED_HEADER_PREFIX)
+                    {
+                        return Err(Error::invalid(format!(
+                            "header {name:?}: names starting with {:?} are reserved for the runtime's metadata",
+                            crate::RESERVED_HEADER_PREFIX
+                        )));
+                    }
+                    t.header_columns.push((col, name.to_owned()));
+                }
+                other => {
+                    return Err(Error::invalid(format!(
+                        "unknown field {other:?} ({accepted})"
+                    )))
+                }
+            }
+        }
+        if t.queue.is_empty() || t.payload.is_empty() {
+            return Err(Error::invalid(format!(
+                "the mapping needs the fields queue and payload ({accepted})"
+            )));
+        }
+        Ok(t)
+    }
+
+    /// Looks the table up and adds it to the publication when it is not in it.
+    async fn add_to(&self, pool: &PgPool, publication: &str) -> Result<(), Error> {
+        let found: Option<(String, String)> = sqlx::query_as(
+            "SELECT n.nspname::text, c.relname::text FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = to_regclass($1)",
+        )
+        .bind(self.table.quoted())
+        .fetch_optional(pool)
+        .await?;
+        let Some((schema, name)) = found else {
+            return Err(Error::Capture(format!(
+                "the captured table {} does not exist",
+                self.table
+            )));
+        };
+        let columns: Vec<String> = sqlx::query_scalar(
+            "SELECT attname::text FROM pg_attribute WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped",
+        )
+        .bind(self.table.quoted())
+        .fetch_all(pool)
+        .await?;
+        for col in self.mapped() {
+            if !columns.iter().any(|c| c == col) {
+                return Err(Error::Capture(format!(
+                    "the captured table {} has no column {col:?} (it has: {})",
+                    self.table,
+                    columns.join(", ")
+                )));
+            }
+        }
+        let member: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_publication_tables WHERE pubname = $1 \
+             AND schemaname = $2 AND tablename = $3)",
+        )
+        .bind(publication)
+        .bind(&schema)
+        .bind(&name)
+        .fetch_one(pool)
+        .await?;
+        if !member {
+            // The publication's name was validated; the table's is quoted.
+            sqlx::query(&format!(
+                "ALTER PUBLICATION \"{publication}\" ADD TABLE {}",
+                self.table.quoted()
+            ))
+            .execute(pool)
+            .await?;
+            tracing::info!(publication, table = %self.table, "table added to the publication");
+        }
+        let _ = self.resolved.set((schema, name));
+        Ok(())
+    }
+
+    fn mapped(&self) -> impl Iterator<Item = &String> {
+        [&self.queue, &self.payload]
+            .into_iter()
+            .chain(self.key.iter())
+            .chain(self.id.iter())
+            .chain(self.correlation_id.iter())
+            .chain(self.headers.iter())
+            .chain(self.header_columns.iter().map(|(c, _)| c))
+    }
+
+    fn is(&self, rel: &crate::pgoutput::Relation) -> bool {
+        match self.resolved.get() {
+            Some((schema, name)) => rel.schema == *schema && rel.name == *name,
+            None => {
+                rel.name == self.table.name() && self.table.schema().is_none_or(|s| rel.schema == s)
+            }
+        }
+    }
+
+    /// The message of an inserted row, and why it is refused, if it is.
+    fn envelope(
+        &self,
+        rel: &crate::pgoutput::Relation,
+        values: &[crate::pgoutput::Value],
+        lsn: Lsn,
+    ) -> (Envelope, Option<String>) {
+        use crate::pgoutput::{column_bytes, Value};
+        let get = |col: &str| -> Result<Option<Vec<u8>>, String> {
+            let i = rel
+                .columns
+                .iter()
+                .position(|(c, _)| c == col)
+                .ok_or_else(|| format!("column {col:?} is not in the row"))?;
+            match values.get(i) {
+                Some(Value::Text(t)) => column_bytes(t, rel.columns[i].1)
+                    .map(Some)
+                    .map_err(|e| format!("column {col:?}: {e}")),
+                _ => Ok(None),
+            }
+        };
+        let text = |col: &str| -> Result<Option<String>, String> {
+            Ok(get(col)?.map(|b| String::from_utf8_lossy(&b).replace('\0', "\u{fffd}")))
+        };
+        let id = -i64::try_from(lsn.0).unwrap_or(i64::MAX);
+        let mut refused = None;
+        let mut refuse = |why: String| {
+            refused.get_or_insert(format!("row at {lsn} of {}: {why}", self.table));
+        };
+        let queue = match text(&self.queue) {
+            Ok(Some(q)) if crate::validate_queue(&q).is_ok() => q,
+            Ok(Some(q)) => {
+                refuse(format!(
+                    "{q:?} in column {:?} is not a valid queue",
+                    self.queue
+                ));
+                "(invalid queue)".to_owned()
+            }
+            Ok(None) => {
+                refuse(format!("column {:?} (the queue) is NULL", self.queue));
+                "(no queue)".to_owned()
+            }
+            Err(e) => {
+                refuse(e);
+                "(no queue)".to_owned()
+            }
+        };
+        let payload = match get(&self.payload) {
+            Ok(Some(p)) => p,
+            Ok(None) => {
+                refuse(format!("column {:?} (the payload) is NULL", self.payload));
+                Vec::new()
+            }
+            Err(e) => {
+                refuse(e);
+                Vec::new()
+            }
+        };
+        let mut env = Envelope::new(id, queue, payload);
+        let mut opt = |col: &Option<String>| match col.as_deref().map(text) {
+            Some(Ok(v)) => v,
+            Some(Err(e)) => {
+                refuse(e);
+                None
+            }
+            None => None,
+        };
+        env.key = opt(&self.key);
+        env.correlation_id = opt(&self.correlation_id);
+        if let Some(source) = opt(&self.id) {
+            env.headers.insert("id".into(), source);
+        }
+        let mut headers = match self.headers.as_deref().map(text) {
+            Some(Ok(Some(json))) => {
+                match serde_json::from_str::<BTreeMap<String, serde_json::Value>>(&json) {
+                    Ok(h) => h
+                        .into_iter()
+                        .map(|(k, v)| match v {
+                            serde_json::Value::String(s) => (k, s),
+                            other => (k, other.to_string()),
+                        })
+                        .collect(),
+                    Err(e) => {
+                        refuse(format!(
+                            "column {:?} is not a JSON object: {e}",
+                            self.headers.as_deref().unwrap_or("")
+                        ));
+                        BTreeMap::new()
+                    }
+                }
+            }
+            Some(Err(e)) => {
+                refuse(e);
+                BTreeMap::new()
+            }
+            _ => BTreeMap::new(),
+        };
+        for (col, name) in &self.header_columns {
+            match text(col) {
+                Ok(Some(v)) => {
+                    headers.insert(name.clone(), v);
+                }
+                Ok(None) => {}
+                Err(e) => refuse(e),
+            }
+        }
+        // Reserved names from the row's own headers are dropped when sent.
+        env.headers.extend(headers);
+        (env, refused)
+    }
+}
+
+impl std::fmt::Display for CaptureTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut pairs = vec![
+            format!("queue={}", self.queue),
+            format!("payload={}", self.payload),
+        ];
+        for (field, col) in [
+            ("key", &self.key),
+            ("id", &self.id),
+            ("correlation_id", &self.correlation_id),
+            ("headers", &self.headers),
+        ] {
+            if let Some(c) = col {
+                pairs.push(format!("{field}={c}"));
+            }
+        }
+        for (c, h) in &self.header_columns {
+            pairs.push(format!("header.{h}={c}"));
+        }
+        write!(f, "{} ({})", self.table, pairs.join(", "))
+    }
+}
+
 /// Keys with a failed message in the table: their later messages follow it
 /// there, so that each key keeps its order.
 #[derive(Default)]
@@ -778,6 +1108,9 @@ struct Run<'a> {
     batch: Vec<Item>,
     in_flight: usize,
     last_event: Instant,
+    /// Relations described in this session, and the captured table's oid
+    /// once its description arrived.
+    relations: crate::pgoutput::Relations,
 }
 
 impl<'a> Run<'a> {
@@ -794,6 +1127,7 @@ impl<'a> Run<'a> {
             batch: Vec::new(),
             in_flight: 0,
             last_event: Instant::now(),
+            relations: Default::default(),
         }
     }
 
@@ -958,9 +1292,54 @@ impl<'a> Run<'a> {
                 self.batch.push(item);
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => self.idle_confirm(wal_end),
-            // Table changes (none: the publication has no tables) and the
-            // end of a bounded stream (never asked for).
-            ReplicationEvent::XLogData { .. } | ReplicationEvent::StoppedAt { .. } => {}
+            ReplicationEvent::XLogData {
+                wal_start, data, ..
+            } => self.change(wal_start, &data, held),
+            // The end of a bounded stream (never asked for).
+            ReplicationEvent::StoppedAt { .. } => {}
+        }
+    }
+
+    /// A table change: a relation's description is kept; a row inserted
+    /// into the captured table becomes a message of the open transaction.
+    fn change(&mut self, lsn: Lsn, data: &[u8], held: &Held) {
+        use crate::pgoutput::{parse, Change};
+        let Some(table) = self.s.table.clone() else {
+            return;
+        };
+        match parse(data) {
+            Ok(Change::Relation(oid, rel)) => {
+                self.relations.insert(oid, rel);
+            }
+            Ok(Change::Insert(oid, values)) => {
+                let Some(rel) = self.relations.get(&oid) else {
+                    tracing::warn!(slot = %self.s.slot, "an insert into relation {oid} came before its description; skipped");
+                    return;
+                };
+                if !table.is(rel) {
+                    return;
+                }
+                let Some((txn, created_ms)) = self.open else {
+                    return;
+                };
+                let (env, refused) = table.envelope(rel, &values, lsn);
+                let mut env = env;
+                env.created_at_ms = created_ms;
+                let action = match refused {
+                    Some(why) => Action::DeadLetter(FailureReason::Rejected, why),
+                    None if held.holds(&env.queue, env.key.as_deref()) => Action::MoveHeld,
+                    None => Action::Send,
+                };
+                if let Some(t) = txn_mut(&mut self.txns, txn) {
+                    t.pending += 1;
+                }
+                self.in_flight += 1;
+                self.batch.push(Item { txn, env, action });
+            }
+            Ok(Change::Other) => {}
+            Err(e) => {
+                tracing::warn!(slot = %self.s.slot, at = %lsn, "unreadable table change skipped: {e}")
+            }
         }
     }
 
@@ -1131,24 +1510,10 @@ impl<'a> Run<'a> {
     ) -> Result<(), StreamEnd> {
         let sql = crate::sql::move_from_log(&self.s.tables);
         retry_write("moving failed log messages into the table", || {
-            let mut ids = Vec::new();
-            let mut queues = Vec::new();
-            let mut payloads = Vec::new();
-            let mut headers = Vec::new();
-            let mut keys = Vec::new();
-            let mut corr = Vec::new();
-            let mut created = Vec::new();
-            let mut delays = Vec::new();
-            let mut attempts = Vec::new();
-            let mut errors = Vec::new();
+            let mut rows = Rows::default();
+            let (mut delays, mut attempts, mut errors) = (Vec::new(), Vec::new(), Vec::new());
             for (env, a, delay, err) in moves {
-                ids.push(env.id);
-                queues.push(env.queue.clone());
-                payloads.push(env.payload.clone());
-                headers.push(headers_json(&env.headers));
-                keys.push(env.key.clone());
-                corr.push(env.correlation_id.clone());
-                created.push(env.created_at_ms);
+                rows.push(env);
                 delays.push(delay.map_or(0, |d| {
                     i64::try_from(d.min(crate::claim::MAX_RETRY_DELAY).as_micros())
                         .unwrap_or(i64::MAX)
@@ -1156,14 +1521,7 @@ impl<'a> Run<'a> {
                 attempts.push(*a as i32);
                 errors.push(err.as_deref().map(|e| storable(e).into_owned()));
             }
-            sqlx::query(&sql)
-                .bind(ids)
-                .bind(queues)
-                .bind(payloads)
-                .bind(headers)
-                .bind(keys)
-                .bind(corr)
-                .bind(created)
+            rows.bind(sqlx::query(&sql))
                 .bind(delays)
                 .bind(attempts)
                 .bind(errors)
@@ -1180,42 +1538,59 @@ impl<'a> Run<'a> {
     ) -> Result<(), StreamEnd> {
         let sql = crate::sql::dead_letter_from_log(&self.s.tables);
         retry_write("dead-lettering log messages", || {
-            let mut ids = Vec::new();
-            let mut queues = Vec::new();
-            let mut payloads = Vec::new();
-            let mut headers = Vec::new();
-            let mut keys = Vec::new();
-            let mut corr = Vec::new();
-            let mut created = Vec::new();
-            let mut reasons = Vec::new();
-            let mut errors = Vec::new();
-            let mut attempts = Vec::new();
+            let mut rows = Rows::default();
+            let (mut reasons, mut errors, mut attempts) = (Vec::new(), Vec::new(), Vec::new());
             for (env, reason, why, a) in dead {
-                ids.push(env.id);
-                queues.push(env.queue.clone());
-                payloads.push(env.payload.clone());
-                headers.push(headers_json(&env.headers));
-                keys.push(env.key.clone());
-                corr.push(env.correlation_id.clone());
-                created.push(env.created_at_ms);
+                rows.push(env);
                 reasons.push(reason.as_str().to_owned());
                 errors.push(storable(why).into_owned());
                 attempts.push(*a as i32);
             }
-            sqlx::query(&sql)
-                .bind(ids)
-                .bind(queues)
-                .bind(payloads)
-                .bind(headers)
-                .bind(keys)
-                .bind(corr)
-                .bind(created)
+            rows.bind(sqlx::query(&sql))
                 .bind(reasons)
                 .bind(errors)
                 .bind(attempts)
                 .execute(&self.s.pool)
         })
         .await
+    }
+}
+
+/// The columns `$1` to `$7` of the statements that write log messages into
+/// a table ([`crate::sql::move_from_log`], [`crate::sql::dead_letter_from_log`]).
+#[derive(Default)]
+struct Rows {
+    ids: Vec<i64>,
+    queues: Vec<String>,
+    payloads: Vec<Vec<u8>>,
+    headers: Vec<serde_json::Value>,
+    keys: Vec<Option<String>>,
+    corr: Vec<Option<String>>,
+    created: Vec<i64>,
+}
+
+impl Rows {
+    fn push(&mut self, env: &Envelope) {
+        self.ids.push(env.id);
+        self.queues.push(env.queue.clone());
+        self.payloads.push(env.payload.clone());
+        self.headers.push(headers_json(&env.headers));
+        self.keys.push(env.key.clone());
+        self.corr.push(env.correlation_id.clone());
+        self.created.push(env.created_at_ms);
+    }
+
+    fn bind(
+        self,
+        q: sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    ) -> sqlx::query::Query<'_, sqlx::Postgres, sqlx::postgres::PgArguments> {
+        q.bind(self.ids)
+            .bind(self.queues)
+            .bind(self.payloads)
+            .bind(self.headers)
+            .bind(self.keys)
+            .bind(self.corr)
+            .bind(self.created)
     }
 }
 
@@ -1330,6 +1705,33 @@ mod tests {
         assert!(!text.contains("secret"), "{text}");
         let e = replication_config("postgres://u:secret@h/db?sslmode=maybe", "s", "p").unwrap_err();
         assert!(e.to_string().contains("sslmode \"maybe\""), "{e}");
+    }
+
+    #[test]
+    fn a_column_mapping_says_what_is_wrong_and_what_is_accepted() {
+        let t = CaptureTable::debezium("outbox_events").unwrap();
+        assert_eq!(
+            t.to_string(),
+            "outbox_events (queue=aggregatetype, payload=payload, key=aggregateid, id=id, header.type=type)"
+        );
+        for (columns, says) in [
+            ("payload=payload", "needs the fields queue and payload"),
+            ("queue=q,payload=p,colour=c", "unknown field \"colour\""),
+            ("queue=q,payload", "\"payload\" is not field=column"),
+            ("queue=q,payload=", "\"payload=\" is not field=column"),
+            (
+                "queue=q,payload=p,header.outbox-id=x",
+                "reserved for the runtime",
+            ),
+        ] {
+            let e = CaptureTable::parse("t", columns).unwrap_err().to_string();
+            assert!(e.contains(says), "{columns}: {e}");
+            assert!(
+                e.contains("accepted") || e.contains("reserved"),
+                "{columns}: {e}"
+            );
+        }
+        assert!(CaptureTable::parse("bad name!", "queue=q,payload=p").is_err());
     }
 
     #[test]

@@ -81,6 +81,8 @@ pub const RELAY_VARS: &[(&str, Option<&str>, &str)] = &[
     ("CAPTURE_SLOT", Some("outbox_relay"), "replication slot of CAPTURE=log, created on the first start (lower-case letters, digits and _)"),
     ("CAPTURE_PUBLICATION", Some("outbox_relay"), "publication of CAPTURE=log, created when missing"),
     ("CAPTURE_HEARTBEAT", Some("10s"), "with nothing in flight, how often the slot is moved past WAL written elsewhere (100ms to 1h)"),
+    ("CAPTURE_TABLE", None, "with CAPTURE=log, also send the rows inserted into this table (a Debezium-style outbox table, or producers that cannot call pg_logical_emit_message); none by default"),
+    ("CAPTURE_COLUMNS", Some(outbox::stream::DEBEZIUM_COLUMNS), "the columns of CAPTURE_TABLE: field=column pairs (queue and payload required; key, id, correlation_id, headers, header.NAME)"),
     ("CAPTURE_MAX_IN_FLIGHT", Some("20000"), "log messages sent and not yet acked at most: what a crash may send twice (1 to 1000000)"),
     ("METRICS_ADDR", Some(DEFAULT_METRICS_ADDR), "address of the Prometheus /metrics, liveness /healthz and readiness /readyz endpoint; off disables it"),
     ("METRICS_SAMPLE_INTERVAL", Some("5s"), "how often the outbox gauges (pending rows, oldest age, parked, dead letters) are counted in the database (100ms to 1h)"),
@@ -246,6 +248,9 @@ pub struct RelayConfig {
     pub capture_heartbeat: Duration,
     /// Log messages in flight at most (`CAPTURE_MAX_IN_FLIGHT`).
     pub capture_max_in_flight: usize,
+    /// A table whose inserted rows are sent too (`CAPTURE_TABLE`,
+    /// `CAPTURE_COLUMNS`).
+    pub capture_table: Option<outbox::stream::CaptureTable>,
 }
 
 impl Default for RelayConfig {
@@ -274,6 +279,7 @@ impl Default for RelayConfig {
             capture_publication: "outbox_relay".to_owned(),
             capture_heartbeat: outbox::stream::DEFAULT_HEARTBEAT,
             capture_max_in_flight: outbox::stream::DEFAULT_MAX_IN_FLIGHT,
+            capture_table: None,
         }
     }
 }
@@ -482,6 +488,25 @@ impl RelayConfig {
             }
             c.capture_heartbeat = every;
         }
+        if let Some(table) = get("CAPTURE_TABLE") {
+            let columns = get("CAPTURE_COLUMNS")
+                .unwrap_or_else(|| outbox::stream::DEBEZIUM_COLUMNS.to_owned());
+            c.capture_table = Some(
+                outbox::stream::CaptureTable::parse(&table, &columns).map_err(|e| {
+                    let var = if TableName::new(&table).is_err() {
+                        "CAPTURE_TABLE"
+                    } else {
+                        "CAPTURE_COLUMNS"
+                    };
+                    ConfigError::invalid(var, e.to_string())
+                })?,
+            );
+        } else if get("CAPTURE_COLUMNS").is_some() {
+            return Err(ConfigError::invalid(
+                "CAPTURE_COLUMNS",
+                "is set without CAPTURE_TABLE (accepted: set both, or neither)",
+            ));
+        }
         if let Some(v) = get("CAPTURE_MAX_IN_FLIGHT") {
             c.capture_max_in_flight = parse_number("CAPTURE_MAX_IN_FLIGHT", &v, 1, 1_000_000)?;
         }
@@ -509,6 +534,12 @@ impl RelayConfig {
                 )
             })?;
         }
+        if self.capture == Capture::Table && self.capture_table.is_some() {
+            return Err(ConfigError::invalid(
+                "CAPTURE_TABLE",
+                "is accepted with CAPTURE=log only (table capture reads the replication slot)",
+            ));
+        }
         if self.capture == Capture::Log && self.exit_when_idle {
             return Err(ConfigError::invalid(
                 "RELAY_EXIT_WHEN_IDLE",
@@ -534,16 +565,18 @@ impl RelayConfig {
         let retry = self
             .retry()
             .map_err(|e| ConfigError::invalid("RETRY_*", e))?;
-        Ok(
-            LogStream::new(pool, self.database_url.clone(), Arc::new(broker), route)
-                .tables(self.tables()?)
-                .slot(self.capture_slot.clone())
-                .publication(self.capture_publication.clone())
-                .retry(retry)
-                .batch_size(self.batch_size)
-                .max_in_flight(self.capture_max_in_flight)
-                .heartbeat(self.capture_heartbeat),
-        )
+        let mut stream = LogStream::new(pool, self.database_url.clone(), Arc::new(broker), route)
+            .tables(self.tables()?)
+            .slot(self.capture_slot.clone())
+            .publication(self.capture_publication.clone())
+            .retry(retry)
+            .batch_size(self.batch_size)
+            .max_in_flight(self.capture_max_in_flight)
+            .heartbeat(self.capture_heartbeat);
+        if let Some(t) = &self.capture_table {
+            stream = stream.capture_table(t.clone());
+        }
+        Ok(stream)
     }
 
     /// The outbox and dead-letter tables.

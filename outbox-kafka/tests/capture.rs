@@ -701,3 +701,118 @@ async fn three_kills_during_a_drain_lose_nothing() {
     relay.kill9();
     db.drop_db().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_inserted_into_a_debezium_table_are_sent_in_commit_order_and_the_table_stays_empty() {
+    let db = migrated("warn").await;
+    let topic = unique_topic("log-table");
+    create_topic(&topic, 1).await;
+    sqlx::query(
+        "create table outbox_events (id uuid primary key default gen_random_uuid(), \
+         aggregatetype text, aggregateid text not null, type text not null, payload jsonb)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let relay = spawn_relay(log_config(&db, &[("CAPTURE_TABLE", "outbox_events")]));
+    wait_streaming(&db).await;
+
+    // As Debezium's users do: insert, and delete in the same transaction;
+    // a log-mode message in between keeps its place in the commit order.
+    let insert = "insert into outbox_events (aggregatetype, aggregateid, type, payload) \
+                  values ($1, 'order-1', 'OrderCreated', $2) returning id";
+    let mut tx = db.pool.begin().await.unwrap();
+    let mut sources = Vec::new();
+    for n in 0..2 {
+        let id: uuid::Uuid = sqlx::query_scalar(insert)
+            .bind(&topic)
+            .bind(serde_json::json!({ "n": n }))
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        sources.push(id.to_string());
+    }
+    log_outbox()
+        .publish(&mut *tx, &topic, &serde_json::json!({ "n": 2 }))
+        .await
+        .unwrap();
+    let id: uuid::Uuid = sqlx::query_scalar(insert)
+        .bind(&topic)
+        .bind(serde_json::json!({ "n": 3 }))
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    sources.push(id.to_string());
+    // Refused: no payload, and no queue.
+    sqlx::query("insert into outbox_events (aggregatetype, aggregateid, type) values ($1, 'order-2', 'Broken')")
+        .bind(&topic)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(
+        "insert into outbox_events (aggregateid, type, payload) values ('order-3', 'Broken', '{}')",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query("delete from outbox_events")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let got = consume_all(&topic, 4, Duration::from_secs(60)).await;
+    let ns: Vec<i64> = got.iter().map(number).collect();
+    assert_eq!(
+        ns,
+        vec![0, 1, 2, 3],
+        "commit order, table rows and log messages together"
+    );
+    for (m, source) in [&got[0], &got[1], &got[3]].into_iter().zip(&sources) {
+        assert_eq!(m.key(), Some(&b"order-1"[..]));
+        assert_eq!(header_value(m, "type"), Some(&b"OrderCreated"[..]));
+        assert_eq!(header_value(m, "id"), Some(source.as_bytes()));
+        assert!(
+            outbox_id(m) < 0,
+            "a table row's id is its WAL position, negated"
+        );
+    }
+    assert!(
+        outbox_id(&got[2]) > 0,
+        "a log message keeps its sequence id"
+    );
+    let ids: HashSet<i64> = got.iter().map(outbox_id).collect();
+    assert_eq!(ids.len(), 4, "ids are unique");
+
+    let pool = db.pool.clone();
+    eventually(
+        "the refused rows are dead letters",
+        Duration::from_secs(30),
+        || {
+            let pool = pool.clone();
+            async move { count(&pool, "select count(*) from outbox_dlq").await == 2 }
+        },
+    )
+    .await;
+    let errors: Vec<String> = sqlx::query_scalar(
+        "select last_error from outbox_dlq where failure_reason = 'rejected' order by id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert!(
+        errors[0].contains("column \"payload\" (the payload) is NULL"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].contains("column \"aggregatetype\" (the queue) is NULL"),
+        "{errors:?}"
+    );
+    assert_eq!(
+        count(&db.pool, "select count(*) from outbox_events").await,
+        0
+    );
+    assert_eq!(count(&db.pool, "select count(*) from outbox").await, 0);
+    stop_relay(relay).await;
+    db.drop_db().await;
+}

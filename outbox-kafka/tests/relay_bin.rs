@@ -52,6 +52,31 @@ fn help_lists_every_variable_with_its_default() {
 fn bad_settings_exit_2_naming_the_variable() {
     let cases: &[(&str, &str, &str)] = &[
         (
+            "CAPTURE",
+            "wal",
+            r#"CAPTURE: "wal" is not one of table, log"#,
+        ),
+        (
+            "CAPTURE_SLOT",
+            "Relay-1",
+            "CAPTURE_SLOT: \"Relay-1\" is not a valid name (accepted: 1 to 63 lower-case letters, digits and _)",
+        ),
+        (
+            "CAPTURE_HEARTBEAT",
+            "5ms",
+            "CAPTURE_HEARTBEAT: 5ms is out of range (accepted: 100ms to 1h)",
+        ),
+        (
+            "CAPTURE_TABLE",
+            "outbox_events",
+            "CAPTURE_TABLE: is accepted with CAPTURE=log only",
+        ),
+        (
+            "CAPTURE_COLUMNS",
+            "queue=q",
+            "CAPTURE_COLUMNS: is set without CAPTURE_TABLE",
+        ),
+        (
             "PUBLISHER_TYPE",
             "nats",
             r#"PUBLISHER_TYPE: "nats" is not one of kafka"#,

@@ -118,6 +118,10 @@ struct Args {
     capture_publication: String,
     #[arg(long, env = "CAPTURE_HEARTBEAT", default_value = "10s")]
     capture_heartbeat: String,
+    #[arg(long, env = "CAPTURE_TABLE")]
+    capture_table: Option<String>,
+    #[arg(long, env = "CAPTURE_COLUMNS", default_value = outbox::stream::DEBEZIUM_COLUMNS)]
+    capture_columns: String,
     #[arg(long, env = "CAPTURE_MAX_IN_FLIGHT", default_value = "20000")]
     capture_max_in_flight: String,
     #[arg(long, env = "METRICS_ADDR")]
@@ -170,6 +174,13 @@ impl Args {
             ("CAPTURE_SLOT", Some(self.capture_slot)),
             ("CAPTURE_PUBLICATION", Some(self.capture_publication)),
             ("CAPTURE_HEARTBEAT", Some(self.capture_heartbeat)),
+            ("CAPTURE_TABLE", self.capture_table.clone()),
+            // The default is only used with a table.
+            (
+                "CAPTURE_COLUMNS",
+                (self.capture_table.is_some() || std::env::var_os("CAPTURE_COLUMNS").is_some())
+                    .then_some(self.capture_columns),
+            ),
             ("CAPTURE_MAX_IN_FLIGHT", Some(self.capture_max_in_flight)),
             ("METRICS_ADDR", self.metrics_addr),
             (
