@@ -62,7 +62,7 @@ pub const MOVED_TOTAL: &str = "outbox_capture_moved_total";
 /// by `queue` and `reason`.
 pub const DEAD_LETTERED_TOTAL: &str = "outbox_capture_dead_lettered_total";
 /// Gauge: bytes of WAL the slot holds back (`pg_current_wal_lsn()` minus the
-/// slot's confirmed position), by `slot`.
+/// slot's confirmed position), by `slot`, sampled every 5 s.
 pub const SLOT_LAG_BYTES: &str = "outbox_capture_slot_lag_bytes";
 /// Gauge: seconds since the oldest transaction not yet confirmed was read,
 /// by `slot`.
@@ -74,6 +74,8 @@ pub const PAUSE_TRIES: u32 = 3;
 /// Default interval of the heartbeat that lets an idle database's slot
 /// advance (see [`LogStream::heartbeat`]).
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
+/// How often the slot's lag ([`SLOT_LAG_BYTES`]) is sampled.
+const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 /// Default number of messages sent per batch.
 pub const DEFAULT_BATCH: usize = 1000;
 /// Default number of messages in flight (sent, not yet settled).
@@ -1143,6 +1145,9 @@ impl<'a> Run<'a> {
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_heartbeat = Instant::now();
+        let mut last_lag = Instant::now()
+            .checked_sub(LAG_SAMPLE_INTERVAL)
+            .unwrap_or_else(Instant::now);
         let mut started = false;
         loop {
             tokio::select! {
@@ -1203,12 +1208,18 @@ impl<'a> Run<'a> {
                         last_heartbeat = Instant::now();
                         self.beat().await;
                     }
+                    // The lag matters most while busy: sampled every 5 s,
+                    // idle or not.
+                    if last_lag.elapsed() >= LAG_SAMPLE_INTERVAL {
+                        last_lag = Instant::now();
+                        self.sample_lag().await;
+                    }
                 }
             }
         }
     }
 
-    /// Writes the heartbeat message, and samples the slot's lag.
+    /// Writes the heartbeat message.
     async fn beat(&self) {
         if let Err(e) = sqlx::query("SELECT pg_logical_emit_message(false, $1, ''::bytea)")
             .bind(&self.heartbeat_prefix)
@@ -1217,6 +1228,10 @@ impl<'a> Run<'a> {
         {
             tracing::warn!(slot = %self.s.slot, "heartbeat failed: {e}");
         }
+    }
+
+    /// Samples the WAL the slot keeps back.
+    async fn sample_lag(&self) {
         if let Ok(s) = slot_status(&self.s.pool, &self.s.slot).await {
             if let Some(lag) = s.lag_bytes {
                 metrics::gauge!(SLOT_LAG_BYTES, "slot" => self.s.slot.clone()).set(lag as f64);
