@@ -560,22 +560,21 @@ impl LogStream {
     }
 }
 
+/// Refuses a slot name that another database's slot uses.
 fn check_other_database(s: &SlotStatus) -> Result<(), Error> {
     match &s.other_database {
-        Some(_) => check_slot(s),
+        Some(db) => Err(Error::Capture(format!(
+            "slot {:?} belongs to database {db:?}: slot names are shared by every database of \
+             the server, so give this outbox a slot name of its own",
+            s.slot
+        ))),
         None => Ok(()),
     }
 }
 
 /// Refuses a slot that cannot be streamed without skipping messages.
 fn check_slot(s: &SlotStatus) -> Result<(), Error> {
-    if let Some(db) = &s.other_database {
-        return Err(Error::Capture(format!(
-            "slot {:?} belongs to database {db:?}: slot names are shared by every database of \
-             the server, so give this outbox a slot name of its own",
-            s.slot
-        )));
-    }
+    check_other_database(s)?;
     if !s.exists {
         return Err(Error::Capture(format!(
             "slot {:?} was created for this outbox but no longer exists (dropped, or the \
@@ -1299,12 +1298,21 @@ impl<'a> Run<'a> {
                         (seq, now_ms)
                     }
                 };
-                let item = self.item(txn, created_ms, lsn, &content, held);
-                if let Some(t) = txn_mut(&mut self.txns, txn) {
-                    t.pending += 1;
-                }
-                self.in_flight += 1;
-                self.batch.push(item);
+                let (mut env, refused) = match LogMessage::decode(&content) {
+                    Ok(m) => {
+                        let mut env = Envelope::new(m.id, m.queue, m.payload);
+                        env.key = m.key;
+                        env.correlation_id = m.correlation_id;
+                        env.headers = m.headers;
+                        (env, None)
+                    }
+                    Err(e) => (
+                        Envelope::new(0, "(undecodable)", content.to_vec()),
+                        Some(format!("{e} (at {lsn})")),
+                    ),
+                };
+                env.created_at_ms = created_ms;
+                self.push(txn, env, refused, held);
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => self.idle_confirm(wal_end),
             ReplicationEvent::XLogData {
@@ -1337,19 +1345,9 @@ impl<'a> Run<'a> {
                 let Some((txn, created_ms)) = self.open else {
                     return;
                 };
-                let (env, refused) = table.envelope(rel, &values, lsn);
-                let mut env = env;
+                let (mut env, refused) = table.envelope(rel, &values, lsn);
                 env.created_at_ms = created_ms;
-                let action = match refused {
-                    Some(why) => Action::DeadLetter(FailureReason::Rejected, why),
-                    None if held.holds(&env.queue, env.key.as_deref()) => Action::MoveHeld,
-                    None => Action::Send,
-                };
-                if let Some(t) = txn_mut(&mut self.txns, txn) {
-                    t.pending += 1;
-                }
-                self.in_flight += 1;
-                self.batch.push(Item { txn, env, action });
+                self.push(txn, env, refused, held);
             }
             Ok(Change::Other) => {}
             Err(e) => {
@@ -1369,30 +1367,20 @@ impl<'a> Run<'a> {
         }
     }
 
-    fn item(&self, txn: u64, created_ms: i64, lsn: Lsn, content: &[u8], held: &Held) -> Item {
-        let msg = match LogMessage::decode(content) {
-            Ok(m) => m,
-            Err(e) => {
-                let mut env = Envelope::new(0, "(undecodable)", content.to_vec());
-                env.created_at_ms = created_ms;
-                return Item {
-                    txn,
-                    env,
-                    action: Action::DeadLetter(FailureReason::Rejected, format!("{e} (at {lsn})")),
-                };
-            }
+    /// Adds a message of transaction `txn` to the batch being read: refused
+    /// for good (dead-lettered as `rejected` with the reason), moved after
+    /// its held key, or sent.
+    fn push(&mut self, txn: u64, env: Envelope, refused: Option<String>, held: &Held) {
+        let action = match refused {
+            Some(why) => Action::DeadLetter(FailureReason::Rejected, why),
+            None if held.holds(&env.queue, env.key.as_deref()) => Action::MoveHeld,
+            None => Action::Send,
         };
-        let mut env = Envelope::new(msg.id, msg.queue, msg.payload);
-        env.key = msg.key;
-        env.correlation_id = msg.correlation_id;
-        env.headers = msg.headers;
-        env.created_at_ms = created_ms;
-        let action = if held.holds(&env.queue, env.key.as_deref()) {
-            Action::MoveHeld
-        } else {
-            Action::Send
-        };
-        Item { txn, env, action }
+        if let Some(t) = txn_mut(&mut self.txns, txn) {
+            t.pending += 1;
+        }
+        self.in_flight += 1;
+        self.batch.push(Item { txn, env, action });
     }
 
     /// Sends the batch read so far (items with nothing to send pass through).
