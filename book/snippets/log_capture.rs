@@ -38,3 +38,16 @@ async fn publish(pool: PgPool) -> Result<(), outbox::Error> {
     let _ = id;
     Ok(())
 }
+
+async fn app(pool: PgPool) -> Result<(), outbox::Error> {
+    // ANCHOR: app
+    use outbox::stream::LogCapture;
+
+    // The replication connection needs the URL (and the REPLICATION attribute).
+    let url = std::env::var("DATABASE_URL").expect("DATABASE_URL");
+    outbox::App::new(pool)
+        .capture_log(LogCapture::new(url).slot("orders_app"))
+        .run_until_signal()
+        .await
+    // ANCHOR_END: app
+}

@@ -37,6 +37,8 @@ pub struct App {
     shutdown_timeout: Duration,
     #[cfg(feature = "prometheus")]
     metrics: Option<crate::metrics::Endpoint>,
+    #[cfg(feature = "capture")]
+    log: Option<crate::stream::LogCapture>,
 }
 
 impl std::fmt::Debug for App {
@@ -73,6 +75,8 @@ impl App {
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
             #[cfg(feature = "prometheus")]
             metrics: None,
+            #[cfg(feature = "capture")]
+            log: None,
         }
     }
 
@@ -159,6 +163,39 @@ impl App {
         self
     }
 
+    /// Also drives the handlers from the log (feature `capture`): the
+    /// messages [`crate::Capture::Log`] wrote (and the rows of a
+    /// [`crate::stream::CaptureTable`]) are read from the slot `capture`
+    /// names, in commit order, and each goes to the subscriber of its queue,
+    /// its handler's output to the stacked publishers, with no outbox row.
+    /// A message that fails transiently is moved into the outbox table with
+    /// its first attempt counted, and the same subscriber retries it from
+    /// there (its retry strategy, its dead letters); a key with a message in
+    /// the table sends its later ones through the table too, so an ordered
+    /// subscriber keeps each key's order. Messages of a queue no subscriber
+    /// here handles are moved into the table as they are, for a subscriber
+    /// or relay that handles it. The table workers run as in table mode.
+    ///
+    /// The slot is the app's own: every reader of the log (an app, a relay)
+    /// reads every message, so give each one its own outbox or run one
+    /// reader. A slot that is lost stops the app with [`Error::Capture`]
+    /// ([`App::run`] returns it). See the book's Log capture chapter.
+    ///
+    /// ```no_run
+    /// # async fn f(pool: sqlx::PgPool) -> Result<(), outbox::Error> {
+    /// use outbox::stream::LogCapture;
+    /// outbox::App::new(pool)
+    ///     .capture_log(LogCapture::new("postgres://outbox:outbox@127.0.0.1/outbox").slot("orders_app"))
+    ///     .run_until_signal()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "capture")]
+    pub fn capture_log(mut self, capture: crate::stream::LogCapture) -> Self {
+        self.log = Some(capture);
+        self
+    }
+
     /// The subscribers this app would run, after discovery.
     pub fn subscribers(&self) -> Vec<Subscriber> {
         let mut subs = self.subscribers.clone();
@@ -215,6 +252,12 @@ impl App {
                 "App::subscriber was given `{name}`, which is not a handler annotated with #[outbox::subscriber]; \
                  annotate it, or build an outbox::Subscriber and add it with App::register"
             ));
+        }
+        #[cfg(feature = "capture")]
+        if let Some(c) = &self.log {
+            if let Err(err) = crate::stream::validate_slot_name("LogCapture::slot", c.slot_name()) {
+                e.push(err.to_string());
+            }
         }
         if subs.is_empty() {
             e.push(
@@ -355,6 +398,8 @@ impl App {
                 }
             }
         }
+        #[cfg(feature = "capture")]
+        let mut runtimes = Vec::new();
         for s in subs {
             let dlq = s.dlq.as_deref().map(TableName::new).transpose()?;
             let queues = match &s.queues {
@@ -381,7 +426,36 @@ impl App {
             for w in 0..rt.sub.workers {
                 tasks.spawn(rt.clone().run_worker(w, stop_rx.clone()));
             }
+            #[cfg(feature = "capture")]
+            runtimes.push(rt);
         }
+        #[cfg(feature = "capture")]
+        let log = match self.log {
+            Some(capture) => {
+                let target = Arc::new(crate::runtime::LogHandlers::new(runtimes)?);
+                let stream = crate::stream::LogStream::to_handlers(
+                    self.pool.clone(),
+                    capture,
+                    self.tables.clone(),
+                    target,
+                );
+                let mut stop = stop_rx.clone();
+                let health = health.clone();
+                Some(tokio::spawn(async move {
+                    let r = stream
+                        .run(async move {
+                            let _ = stop.wait_for(|s| *s).await;
+                        })
+                        .await;
+                    if let Err(e) = &r {
+                        tracing::error!("the log stream stopped: {e}");
+                        health.log_failed(e.to_string());
+                    }
+                    r
+                }))
+            }
+            None => None,
+        };
         Ok(Running {
             stop: stop_tx,
             tasks,
@@ -390,6 +464,8 @@ impl App {
             shutdown_timeout: self.shutdown_timeout,
             #[cfg(feature = "prometheus")]
             metrics: metrics.map(|(handle, _, _)| handle),
+            #[cfg(feature = "capture")]
+            log,
         })
     }
 
@@ -415,8 +491,26 @@ impl App {
     }
 
     /// Runs until `shutdown` completes, then stops gracefully.
+    /// With [`App::capture_log`], a log stream that cannot go on (its slot
+    /// lost) stops the app, and its error is returned.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-        let running = self.start().await?;
+        #[allow(unused_mut)]
+        let mut running = self.start().await?;
+        #[cfg(feature = "capture")]
+        if let Some(mut log) = running.log.take() {
+            tokio::select! {
+                _ = shutdown => running.log = Some(log),
+                r = &mut log => {
+                    running.shutdown().await;
+                    return match r {
+                        Ok(r) => r,
+                        Err(e) => Err(Error::Capture(format!("the log stream's task failed: {e}"))),
+                    };
+                }
+            }
+            running.shutdown().await;
+            return Ok(());
+        }
         shutdown.await;
         running.shutdown().await;
         Ok(())
@@ -468,6 +562,8 @@ pub struct Running {
     shutdown_timeout: Duration,
     #[cfg(feature = "prometheus")]
     metrics: Option<crate::metrics::MetricsHandle>,
+    #[cfg(feature = "capture")]
+    log: Option<tokio::task::JoinHandle<Result<(), Error>>>,
 }
 
 impl std::fmt::Debug for Running {
@@ -489,6 +585,11 @@ impl Running {
         let started = Instant::now();
         let _ = self.stop.send(true);
         while self.tasks.join_next().await.is_some() {}
+        // The log stream settles and confirms what it has in flight.
+        #[cfg(feature = "capture")]
+        if let Some(log) = self.log.take() {
+            let _ = log.await;
+        }
         let _ = (&mut self.listener).await;
         // What is left of the shutdown timeout, and at least the reserve.
         let left = self
@@ -512,6 +613,10 @@ impl Running {
     /// flight come back when their lease expires. For tests.
     pub fn abort(mut self) {
         self.tasks.abort_all();
+        #[cfg(feature = "capture")]
+        if let Some(log) = self.log.take() {
+            log.abort();
+        }
         self.listener.abort();
         #[cfg(feature = "prometheus")]
         if let Some(m) = &self.metrics {

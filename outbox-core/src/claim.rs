@@ -43,7 +43,7 @@ pub struct Batch {
 ///
 /// It travels in PostgreSQL's binary form (`tid`: block and line number), so
 /// neither side formats or parses text per row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RowPosition {
     block: u32,
     line: u16,
@@ -344,7 +344,7 @@ impl Claimer {
 
     /// Claims up to a batch of due rows with one statement (a claim started
     /// after the rows claimed before may need a second one from the oldest due
-    /// row; see [`Cursor`]).
+    /// row; see `Cursor`).
     pub async fn claim(&self) -> Result<Batch, Error> {
         let token = Uuid::new_v4();
         let after = self.cursor.as_ref().and_then(|c| {

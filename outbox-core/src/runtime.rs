@@ -41,6 +41,8 @@ pub(crate) struct SubRuntime {
 #[derive(Default)]
 pub(crate) struct Health {
     last_panic: Mutex<Option<(Instant, String)>>,
+    /// Why the log stream stopped, if it did (for good).
+    log_failure: Mutex<Option<String>>,
 }
 
 /// How long a worker's panic keeps `/readyz` at "not ready".
@@ -52,9 +54,19 @@ impl Health {
             Some((Instant::now(), format!("subscriber {subscriber:?}: {msg}")));
     }
 
-    /// `Err` while a worker panicked within the last [`PANIC_UNREADY_FOR`].
+    /// Records that the log stream stopped for good.
+    #[cfg(feature = "capture")]
+    pub(crate) fn log_failed(&self, why: String) {
+        *self.log_failure.lock().expect("health lock") = Some(why);
+    }
+
+    /// `Err` while a worker panicked within the last [`PANIC_UNREADY_FOR`],
+    /// and once the log stream stopped.
     #[cfg_attr(not(feature = "prometheus"), allow(dead_code))]
     pub(crate) fn check(&self) -> Result<(), String> {
+        if let Some(why) = &*self.log_failure.lock().expect("health lock") {
+            return Err(format!("the log stream stopped: {why}"));
+        }
         match &*self.last_panic.lock().expect("health lock") {
             Some((at, msg)) if at.elapsed() < PANIC_UNREADY_FOR => Err(format!(
                 "a worker step panicked {} s ago (its rows come back when their lease expires): {msg}",
@@ -747,6 +759,232 @@ impl SubRuntime {
                     wait = (wait * 2).min(Duration::from_secs(2));
                 }
             }
+        }
+    }
+}
+
+/// An app's handlers as the target of a log stream (feature `capture`):
+/// each message goes to the subscriber of its queue, and its handler's
+/// result to the stacked publishers, as in table mode; what fails takes the
+/// log stream's failure path (moved into the table with its first attempt
+/// counted, or dead-lettered), where the same subscriber's table workers
+/// take over.
+#[cfg(feature = "capture")]
+pub(crate) struct LogHandlers {
+    subs: Vec<Arc<SubRuntime>>,
+    /// Each subscriber's dead-letter table (`None`: parked in the outbox).
+    dlqs: Vec<Option<crate::TableName>>,
+    by_queue: HashMap<String, usize>,
+    all: Option<usize>,
+    /// Per ordered subscriber, the end of its last delivery, which the next
+    /// one waits for: a key's messages are handled in stream order even
+    /// with several batches in flight.
+    chains: Vec<Option<Mutex<Option<tokio::sync::oneshot::Receiver<()>>>>>,
+}
+
+#[cfg(feature = "capture")]
+impl LogHandlers {
+    pub(crate) fn new(subs: Vec<Arc<SubRuntime>>) -> Result<Self, crate::Error> {
+        let dlqs = subs
+            .iter()
+            .map(|rt| rt.sub.dlq.as_deref().map(crate::TableName::new).transpose())
+            .collect::<Result<_, _>>()?;
+        let mut by_queue = HashMap::new();
+        let mut all = None;
+        for (k, rt) in subs.iter().enumerate() {
+            match &rt.sub.queues {
+                crate::Queues::All => all = Some(k),
+                crate::Queues::Named(queues) => {
+                    for q in queues {
+                        by_queue.insert(q.clone(), k);
+                    }
+                }
+            }
+        }
+        let chains = subs
+            .iter()
+            .map(|rt| rt.sub.ordered.then(|| Mutex::new(None)))
+            .collect();
+        Ok(Self {
+            subs,
+            dlqs,
+            by_queue,
+            all,
+            chains,
+        })
+    }
+}
+
+#[cfg(feature = "capture")]
+impl crate::stream::Deliver for LogHandlers {
+    fn deliver(
+        &self,
+        batch: Vec<Arc<Envelope>>,
+    ) -> futures::future::BoxFuture<'static, Vec<crate::stream::Verdict>> {
+        use crate::stream::Verdict;
+        let mut verdicts: Vec<Option<Verdict>> = batch.iter().map(|_| None).collect();
+        let mut groups: Vec<Vec<usize>> = vec![Vec::new(); self.subs.len()];
+        for (i, env) in batch.iter().enumerate() {
+            match self.by_queue.get(&env.queue).copied().or(self.all) {
+                Some(k) => groups[k].push(i),
+                // No subscriber here: into the table, where a subscriber
+                // (or a relay) of that queue takes it, as in table mode.
+                None => verdicts[i] = Some(Verdict::Defer),
+            }
+        }
+        let mut runs = Vec::new();
+        for (k, idx) in groups.into_iter().enumerate() {
+            if idx.is_empty() {
+                continue;
+            }
+            let rt = self.subs[k].clone();
+            // Taken now, in stream order: the chain decides the order.
+            let turn = self.chains[k].as_ref().map(|chain| {
+                let (done, next) = tokio::sync::oneshot::channel::<()>();
+                let before = chain.lock().expect("chain lock").replace(next);
+                (before, done)
+            });
+            let envs: Vec<Arc<Envelope>> = idx.iter().map(|&i| batch[i].clone()).collect();
+            runs.push(async move {
+                let _done = match turn {
+                    Some((before, done)) => {
+                        if let Some(before) = before {
+                            let _ = before.await;
+                        }
+                        Some(done)
+                    }
+                    None => None,
+                };
+                (idx, rt.handle_log(envs).await)
+            });
+        }
+        async move {
+            for (idx, vs) in futures::future::join_all(runs).await {
+                for (i, v) in idx.into_iter().zip(vs) {
+                    verdicts[i] = Some(v);
+                }
+            }
+            verdicts
+                .into_iter()
+                .map(|v| v.unwrap_or(Verdict::Defer))
+                .collect()
+        }
+        .boxed()
+    }
+
+    fn tables_for(&self, queue: &str, stream: &crate::Tables) -> crate::Tables {
+        match self.by_queue.get(queue).copied().or(self.all) {
+            Some(k) => crate::Tables {
+                outbox: stream.outbox.clone(),
+                dlq: self.dlqs[k].clone(),
+            },
+            None => stream.clone(),
+        }
+    }
+}
+
+#[cfg(feature = "capture")]
+impl SubRuntime {
+    /// Handles messages read from the log and publishes their handlers'
+    /// output: one verdict per message. For an ordered subscriber a key's
+    /// messages run one after the other, and once one of them fails the
+    /// key's later ones are moved into the table untried, behind it.
+    async fn handle_log(&self, envs: Vec<Arc<Envelope>>) -> Vec<crate::stream::Verdict> {
+        use crate::stream::Verdict;
+        let mut verdicts: Vec<Option<Verdict>> = envs.iter().map(|_| None).collect();
+        let mut failed_keys: HashSet<&str> = HashSet::new();
+        let mut left: Vec<usize> = (0..envs.len()).collect();
+        while !left.is_empty() {
+            let mut round = Vec::new();
+            let mut rest = Vec::new();
+            let mut keys = HashSet::new();
+            for i in left {
+                match envs[i].key.as_deref() {
+                    Some(k) if self.sub.ordered => {
+                        if failed_keys.contains(k) {
+                            verdicts[i] = Some(Verdict::Defer);
+                        } else if keys.insert(k) {
+                            round.push(i);
+                        } else {
+                            rest.push(i);
+                        }
+                    }
+                    _ => round.push(i),
+                }
+            }
+            left = rest;
+            let rows: Vec<Row> = round
+                .iter()
+                .map(|&i| Row {
+                    env: envs[i].clone(),
+                    position: RowPosition::default(),
+                })
+                .collect();
+            let handled = self.handle(&rows).await;
+            let (mut fates, outgoing) = self.decide(&rows, handled);
+            let handled_ok: Vec<bool> = fates.iter().map(|f| matches!(f, Fate::Ack(_))).collect();
+            self.publish(outgoing, &mut fates).await;
+            for ((&i, fate), broker) in round.iter().zip(fates).zip(handled_ok) {
+                let v = self.log_verdict(&envs[i], fate, broker);
+                if self.sub.ordered && !matches!(v, Verdict::Done) {
+                    if let Some(k) = envs[i].key.as_deref() {
+                        failed_keys.insert(k);
+                    }
+                }
+                verdicts[i] = Some(v);
+            }
+        }
+        verdicts
+            .into_iter()
+            .map(|v| v.unwrap_or(Verdict::Defer))
+            .collect()
+    }
+
+    /// A log message's fate as the stream's verdict, logged and counted as
+    /// in table mode. `broker`: the handler succeeded (a failure is its
+    /// publish's).
+    fn log_verdict(&self, env: &Envelope, fate: Fate, broker: bool) -> crate::stream::Verdict {
+        use crate::stream::Verdict;
+        let q = env.queue.as_str();
+        match fate {
+            Fate::Ack(took) => {
+                if let Some(took) = took {
+                    tracing::debug!(queue = %q, id = env.id, "{q} | processed in {} ms", took.as_millis());
+                }
+                m::count_by_queue(m::HANDLED_TOTAL, [q]);
+                Verdict::Done
+            }
+            Fate::Retry(err, forced) => {
+                let next = self
+                    .sub
+                    .retry
+                    .next_delay(&Failure::new(1, env.elapsed, &err))
+                    .map(|delay| forced.unwrap_or(delay));
+                match next {
+                    Some(delay) => {
+                        tracing::warn!(queue = %q, id = env.id, "{q} | retry 1 in {} (moved from the log into the table): {}", human(delay.min(MAX_RETRY_DELAY)), err.message());
+                        m::count_by_queue(m::RETRIED_TOTAL, [q]);
+                        Verdict::Retry {
+                            error: err.message().to_owned(),
+                            delay,
+                            broker,
+                        }
+                    }
+                    None => {
+                        let reason = FailureReason::RetriesExhausted;
+                        tracing::error!(queue = %q, id = env.id, "{q} | dead-lettered: {reason}: {}", err.message());
+                        m::count_by_queue_reason(m::DEAD_LETTERED_TOTAL, [(q, reason.as_str())]);
+                        Verdict::Fail(reason, err.message().to_owned())
+                    }
+                }
+            }
+            Fate::Fail(reason, error) => {
+                tracing::error!(queue = %q, id = env.id, "{q} | dead-lettered: {reason}: {error}");
+                m::count_by_queue_reason(m::REJECTED_TOTAL, [(q, reason.as_str())]);
+                m::count_by_queue_reason(m::DEAD_LETTERED_TOTAL, [(q, reason.as_str())]);
+                Verdict::Fail(reason, error)
+            }
+            Fate::Release => Verdict::Defer,
         }
     }
 }

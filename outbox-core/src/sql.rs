@@ -118,19 +118,23 @@ pub(crate) fn emit_batch() -> String {
 /// Log mode: messages moved into the table after a failure (or because
 /// their key is held), with their ids. `$1` ids, `$2` queues, `$3` payloads,
 /// `$4` headers, `$5` keys, `$6` correlation ids, `$7` created (epoch ms),
-/// `$8` delays (µs), `$9` attempts so far, `$10` errors. Each attempt counts
-/// as a settled delivery. A message already there (moved by a run that
+/// `$8` delays (µs), `$9` attempts so far, `$10` errors, `$11` deliveries
+/// (the attempts, and one more for a message that may have crashed its
+/// reader: never settled), `$12` the batch's last position, recorded as
+/// settled for slot `$13` in `outbox_slots`. A message already there (moved by a run that
 /// stopped before it confirmed) is kept as it is.
 #[cfg(feature = "capture")]
 pub(crate) fn move_from_log(t: &Tables) -> String {
     format!(
-        "INSERT INTO {o} (id, queue, payload, headers, partition_key, correlation_id, created_at, \
+        "WITH settled AS (UPDATE outbox_slots SET settled_lsn = $12::text::pg_lsn \
+                          WHERE slot_name = $13 AND (settled_lsn IS NULL OR settled_lsn < $12::text::pg_lsn)) \
+         INSERT INTO {o} (id, queue, payload, headers, partition_key, correlation_id, created_at, \
                           next_attempt_at, first_attempt_at, last_attempt_at, attempts, deliveries, last_error) \
          SELECT u.id, u.q, u.p, u.h, u.k, u.c, to_timestamp(u.ms / 1000.0), \
                 now() + u.d * interval '1 microsecond', \
-                CASE WHEN u.a > 0 THEN now() END, CASE WHEN u.a > 0 THEN now() END, u.a, u.a, u.e \
+                CASE WHEN u.a > 0 THEN now() END, CASE WHEN u.a > 0 THEN now() END, u.a, u.n, u.e \
          FROM unnest($1::int8[], $2::text[], $3::bytea[], $4::jsonb[], $5::text[], $6::text[], \
-                     $7::int8[], $8::int8[], $9::int4[], $10::text[]) AS u(id, q, p, h, k, c, ms, d, a, e) \
+                     $7::int8[], $8::int8[], $9::int4[], $10::text[], $11::int4[]) AS u(id, q, p, h, k, c, ms, d, a, e, n) \
          ON CONFLICT (id) DO NOTHING",
         o = t.outbox.quoted()
     )

@@ -56,7 +56,10 @@ pub const READ_TOTAL: &str = "outbox_capture_read_total";
 pub const SENT_TOTAL: &str = "outbox_capture_sent_total";
 /// Counter: log messages moved into the outbox table, by `queue` and
 /// `reason` (`failed`: a transient failure; `key_held`: their key had a
-/// failed message in the table).
+/// failed message in the table; `deferred`: no handler of the app takes
+/// their queue, or an earlier message of their key failed in the same
+/// batch; `contained`: the slot's last reader died and may have been
+/// handling them).
 pub const MOVED_TOTAL: &str = "outbox_capture_moved_total";
 /// Counter: log messages dead-lettered (or parked) straight from the stream,
 /// by `queue` and `reason`.
@@ -72,10 +75,14 @@ pub const UNCONFIRMED_AGE_SECONDS: &str = "outbox_capture_unconfirmed_age_second
 /// again (after 1, 2, 4 s) before its messages are moved into the table.
 pub const PAUSE_TRIES: u32 = 3;
 /// Default interval of the heartbeat that lets an idle database's slot
-/// advance (see [`LogStream::heartbeat`]).
+/// advance (see [`LogCapture::heartbeat`]).
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 /// How often the slot's lag ([`SLOT_LAG_BYTES`]) is sampled.
 const LAG_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
+/// Default slot of a [`LogCapture`].
+pub const DEFAULT_SLOT: &str = "outbox_app";
+/// Default publication of a [`LogCapture`].
+pub const DEFAULT_PUBLICATION: &str = "outbox_relay";
 /// Default number of messages sent per batch.
 pub const DEFAULT_BATCH: usize = 1000;
 /// Default number of messages in flight (sent, not yet settled).
@@ -138,7 +145,13 @@ const SLOTS_TABLE: &str = "CREATE TABLE IF NOT EXISTS outbox_slots (
     publication  text NOT NULL,
     outbox_table text NOT NULL,
     created_at   timestamptz NOT NULL DEFAULT now(),
-    created_lsn  pg_lsn NOT NULL)";
+    created_lsn  pg_lsn NOT NULL,
+    reader       uuid,
+    settled_lsn  pg_lsn)";
+
+/// Slots recorded before `reader` and `settled_lsn` existed get them.
+const SLOTS_COLUMNS: &str = "ALTER TABLE outbox_slots ADD COLUMN IF NOT EXISTS reader uuid, \
+     ADD COLUMN IF NOT EXISTS settled_lsn pg_lsn";
 
 /// The status of slot `slot` in the pool's database.
 pub async fn slot_status(pool: &PgPool, slot: &str) -> Result<SlotStatus, Error> {
@@ -297,36 +310,23 @@ fn capture_db_error(e: sqlx::Error, slot: &str) -> Error {
     e.into()
 }
 
-/// Streams log-mode messages from a replication slot to a sink; see the
-/// [module docs](self).
+/// Where and how a log stream reads: the database's URL (the replication
+/// connection is made from it), the slot and publication, and the stream's
+/// batch and window. Shared by the relay's [`LogStream`] and an app's
+/// handlers ([`crate::App::capture_log`]).
 ///
-/// ```no_run
-/// # async fn f(pool: sqlx::PgPool, sink: std::sync::Arc<dyn outbox::Sink>) -> Result<(), outbox::Error> {
-/// use outbox::stream::LogStream;
-/// let route = std::sync::Arc::new(|env: &outbox::Envelope| {
-///     Ok(outbox::Outgoing {
-///         sink: "kafka".into(),
-///         topic: env.queue.clone(),
-///         key: env.key.clone().map(String::into_bytes),
-///         payload: env.payload.clone(),
-///         headers: Vec::new(),
-///     })
-/// });
-/// LogStream::new(pool, "postgres://outbox:outbox@127.0.0.1/outbox", sink, route)
-///     .slot("outbox_relay")
-///     .run(outbox::shutdown_signal())
-///     .await?;
-/// # Ok(()) }
 /// ```
-pub struct LogStream {
-    pool: PgPool,
+/// use outbox::stream::LogCapture;
+/// let capture = LogCapture::new("postgres://outbox:outbox@127.0.0.1/outbox")
+///     .slot("orders_app")
+///     .batch_size(200);
+/// assert_eq!(capture.slot_name(), "orders_app");
+/// ```
+#[derive(Clone)]
+pub struct LogCapture {
     url: String,
-    tables: Tables,
     slot: String,
     publication: String,
-    sink: Arc<dyn Sink>,
-    route: Route,
-    retry: Arc<dyn RetryStrategy>,
     batch: usize,
     max_in_flight: usize,
     heartbeat: Duration,
@@ -334,35 +334,29 @@ pub struct LogStream {
     table: Option<Arc<CaptureTable>>,
 }
 
-impl std::fmt::Debug for LogStream {
+impl std::fmt::Debug for LogCapture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LogStream")
+        f.debug_struct("LogCapture")
             .field("url", &crate::logging::redact_url(&self.url))
-            .field("tables", &self.tables)
             .field("slot", &self.slot)
             .field("publication", &self.publication)
             .field("batch", &self.batch)
             .field("max_in_flight", &self.max_in_flight)
-            .finish_non_exhaustive()
+            .field("heartbeat", &self.heartbeat)
+            .field("create", &self.create)
+            .field("table", &self.table)
+            .finish()
     }
 }
 
-impl LogStream {
-    /// A stream of the default outbox's messages from slot `outbox_relay`
-    /// (publication `outbox_relay`), created on the first start. `url` is
-    /// the database's connection URL (the replication connection is made
-    /// from it); `pool` serves the slot checks, the heartbeat and the writes
-    /// of failed messages.
-    pub fn new(pool: PgPool, url: impl Into<String>, sink: Arc<dyn Sink>, route: Route) -> Self {
+impl LogCapture {
+    /// Reads slot [`DEFAULT_SLOT`] (publication [`DEFAULT_PUBLICATION`]),
+    /// created on the first start, of the database at `url`.
+    pub fn new(url: impl Into<String>) -> Self {
         Self {
-            pool,
             url: url.into(),
-            tables: Tables::default(),
-            slot: "outbox_relay".into(),
-            publication: "outbox_relay".into(),
-            sink,
-            route,
-            retry: Arc::new(crate::ExponentialRetry::default()),
+            slot: DEFAULT_SLOT.into(),
+            publication: DEFAULT_PUBLICATION.into(),
             batch: DEFAULT_BATCH,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             heartbeat: DEFAULT_HEARTBEAT,
@@ -371,17 +365,17 @@ impl LogStream {
         }
     }
 
-    /// The outbox (its name is the messages' prefix, failed messages go to
-    /// its table and dead letters to its dead-letter table).
-    pub fn tables(mut self, tables: Tables) -> Self {
-        self.tables = tables;
-        self
-    }
-
-    /// The slot's name (checked by [`validate_slot_name`] when the stream starts).
+    /// The slot's name (checked by [`validate_slot_name`] when the stream
+    /// starts). Slot names are shared by every database of the server, and
+    /// each reader of the outbox (an app, a relay) needs a slot of its own.
     pub fn slot(mut self, slot: impl Into<String>) -> Self {
         self.slot = slot.into();
         self
+    }
+
+    /// The slot's name.
+    pub fn slot_name(&self) -> &str {
+        &self.slot
     }
 
     /// The publication's name.
@@ -390,14 +384,7 @@ impl LogStream {
         self
     }
 
-    /// The retry strategy that schedules a message moved into the table
-    /// after a transient failure (its first attempt counted).
-    pub fn retry(mut self, retry: impl RetryStrategy) -> Self {
-        self.retry = Arc::new(retry);
-        self
-    }
-
-    /// Messages per batch sent to the sink (default [`DEFAULT_BATCH`]).
+    /// Messages per batch (default [`DEFAULT_BATCH`]).
     pub fn batch_size(mut self, n: usize) -> Self {
         self.batch = n.max(1);
         self
@@ -432,29 +419,256 @@ impl LogStream {
         self.create = on;
         self
     }
+}
+
+/// What a delivery of one message came to.
+pub(crate) enum Verdict {
+    /// Sent (or handled) for good.
+    Done,
+    /// Failed transiently: moved into the table with its first attempt
+    /// counted, `delay` from the retry strategy. `broker` when the broker
+    /// failed (a batch whose every message did pauses the stream).
+    Retry {
+        error: String,
+        delay: Duration,
+        broker: bool,
+    },
+    /// Moved into the table untried (no handler for its queue, or a key
+    /// whose earlier message failed in the same batch).
+    Defer,
+    /// Failed for good: dead-lettered with its reason.
+    Fail(FailureReason, String),
+}
+
+/// Where a stream's messages go: a broker (the relay) or an app's handlers.
+pub(crate) trait Deliver: Send + Sync + 'static {
+    /// One verdict per message, in order. Called in stream order.
+    fn deliver(
+        &self,
+        batch: Vec<Arc<Envelope>>,
+    ) -> futures::future::BoxFuture<'static, Vec<Verdict>>;
+
+    /// The tables a failed message of `queue` goes to (default: the stream's).
+    fn tables_for(&self, _queue: &str, stream: &Tables) -> Tables {
+        stream.clone()
+    }
+}
+
+/// The relay's delivery: each message routed to a broker message and sent.
+struct Relay {
+    sink: Arc<dyn Sink>,
+    route: Route,
+    retry: Arc<dyn RetryStrategy>,
+}
+
+impl Deliver for Relay {
+    fn deliver(
+        &self,
+        batch: Vec<Arc<Envelope>>,
+    ) -> futures::future::BoxFuture<'static, Vec<Verdict>> {
+        let mut verdicts: Vec<Option<Verdict>> = Vec::with_capacity(batch.len());
+        let mut out = Vec::new();
+        for env in &batch {
+            match (self.route)(env) {
+                Ok(mut o) => {
+                    crate::runtime::add_headers(&mut o, env);
+                    out.push(o);
+                    verdicts.push(None);
+                }
+                // The route's refusals are known before the send.
+                Err(why) => verdicts.push(Some(Verdict::Fail(FailureReason::Rejected, why))),
+            }
+        }
+        let sink = self.sink.clone();
+        let retry = self.retry.clone();
+        async move {
+            let n = out.len();
+            let mut results = if out.is_empty() {
+                Vec::new()
+            } else {
+                sink.send(out).await
+            };
+            results.resize_with(n, || {
+                Err(SinkError::transient(
+                    "the sink answered fewer results than messages",
+                ))
+            });
+            let mut results = results.into_iter();
+            verdicts
+                .into_iter()
+                .map(|v| match v {
+                    Some(v) => v,
+                    None => match results.next() {
+                        Some(Ok(())) => Verdict::Done,
+                        Some(Err(e)) if e.permanent => {
+                            Verdict::Fail(FailureReason::PublishRejected, e.message)
+                        }
+                        Some(Err(e)) => first_retry(&*retry, e.message, true),
+                        None => unreachable!("resized to the messages sent"),
+                    },
+                })
+                .collect()
+        }
+        .boxed()
+    }
+}
+
+/// The verdict on a message's first transient failure: moved into the table
+/// with the strategy's delay, or dead-lettered when the strategy allows no
+/// retry at all.
+pub(crate) fn first_retry(retry: &dyn RetryStrategy, error: String, broker: bool) -> Verdict {
+    let err = HandlerError::transient(&error);
+    match retry.next_delay(&Failure::new(1, Duration::ZERO, &err)) {
+        Some(delay) => Verdict::Retry {
+            error,
+            delay,
+            broker,
+        },
+        None => Verdict::Fail(FailureReason::RetriesExhausted, error),
+    }
+}
+
+/// Streams log-mode messages from a replication slot to a sink; see the
+/// [module docs](self).
+///
+/// ```no_run
+/// # async fn f(pool: sqlx::PgPool, sink: std::sync::Arc<dyn outbox::Sink>) -> Result<(), outbox::Error> {
+/// use outbox::stream::{LogCapture, LogStream};
+/// let route = std::sync::Arc::new(|env: &outbox::Envelope| {
+///     Ok(outbox::Outgoing {
+///         sink: "kafka".into(),
+///         topic: env.queue.clone(),
+///         key: env.key.clone().map(String::into_bytes),
+///         payload: env.payload.clone(),
+///         headers: Vec::new(),
+///     })
+/// });
+/// let capture = LogCapture::new("postgres://outbox:outbox@127.0.0.1/outbox").slot("outbox_relay");
+/// LogStream::new(pool, capture, sink, route)
+///     .run(outbox::shutdown_signal())
+///     .await?;
+/// # Ok(()) }
+/// ```
+pub struct LogStream {
+    pool: PgPool,
+    tables: Tables,
+    s: LogCapture,
+    target: Target,
+    /// Set for an app's handlers: after a reader of the slot died while
+    /// handling, the messages it may have had in flight go through the
+    /// table (see [`LogStream::run`]).
+    contain: bool,
+}
+
+enum Target {
+    Relay {
+        sink: Arc<dyn Sink>,
+        route: Route,
+        retry: Arc<dyn RetryStrategy>,
+    },
+    Other(Arc<dyn Deliver>),
+}
+
+impl std::fmt::Debug for LogStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStream")
+            .field("tables", &self.tables)
+            .field("capture", &self.s)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LogStream {
+    /// A stream of the default outbox's messages, read as `capture` says,
+    /// each routed by `route` and sent to `sink`. `pool` serves the slot
+    /// checks, the heartbeat and the writes of failed messages.
+    pub fn new(pool: PgPool, capture: LogCapture, sink: Arc<dyn Sink>, route: Route) -> Self {
+        Self {
+            pool,
+            tables: Tables::default(),
+            s: capture,
+            target: Target::Relay {
+                sink,
+                route,
+                retry: Arc::new(crate::ExponentialRetry::default()),
+            },
+            contain: true,
+        }
+    }
+
+    /// A stream delivering to an app's handlers.
+    pub(crate) fn to_handlers(
+        pool: PgPool,
+        capture: LogCapture,
+        tables: Tables,
+        target: Arc<dyn Deliver>,
+    ) -> Self {
+        Self {
+            pool,
+            tables,
+            s: capture,
+            target: Target::Other(target),
+            contain: true,
+        }
+    }
+
+    /// The outbox (its name is the messages' prefix, failed messages go to
+    /// its table and dead letters to its dead-letter table).
+    pub fn tables(mut self, tables: Tables) -> Self {
+        self.tables = tables;
+        self
+    }
+
+    /// The retry strategy that schedules a message moved into the table
+    /// after a transient failure (its first attempt counted).
+    pub fn retry(mut self, strategy: impl RetryStrategy) -> Self {
+        if let Target::Relay { retry, .. } = &mut self.target {
+            *retry = Arc::new(strategy);
+        }
+        self
+    }
 
     /// Streams until `shutdown` completes (then drains what is in flight and
     /// confirms it) or until the slot cannot be streamed ([`Error::Capture`]).
     /// A lost connection is retried with backoff from the confirmed position.
+    ///
+    /// For an app's handlers, a reader that takes the slot over from one
+    /// that did not stop cleanly (killed, crashed: `outbox_slots.reader` is
+    /// still set) cannot tell which message killed it. So the first
+    /// messages it reads, up to twice the in-flight window and no further
+    /// than the WAL written before it started, are moved into the table
+    /// untried, where the table workers' crash containment applies: a
+    /// message that kills the process every time it is handled is
+    /// dead-lettered as `crashed` after `max_deliveries`, and the healthy
+    /// ones are handled once.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
-        validate_slot_name("slot", &self.slot)?;
-        validate_slot_name("publication", &self.publication)?;
-        let base = replication_config(&self.url, &self.slot, &self.publication)?;
+        validate_slot_name("slot", &self.s.slot)?;
+        validate_slot_name("publication", &self.s.publication)?;
+        let base = replication_config(&self.s.url, &self.s.slot, &self.s.publication)?;
+        let target: Arc<dyn Deliver> = match &self.target {
+            Target::Relay { sink, route, retry } => Arc::new(Relay {
+                sink: sink.clone(),
+                route: route.clone(),
+                retry: retry.clone(),
+            }),
+            Target::Other(t) => t.clone(),
+        };
         let mut shutdown = std::pin::pin!(shutdown);
         let mut confirmed = self.prepare_slot().await?;
         let mut backoff = Duration::from_millis(200);
         let mut standby_logged = false;
+        let me = uuid::Uuid::new_v4();
         loop {
             // Checked on every (re)connection: a slot lost while we were
             // away must stop the stream, not be streamed from a new start.
-            let status = slot_status(&self.pool, &self.slot).await?;
+            let status = slot_status(&self.pool, &self.s.slot).await?;
             check_slot(&status)?;
             if status.active_pid.is_some() {
                 // Streamed by another reader: wait for it to end, asking the
                 // catalog rather than the replication protocol (whose refusal
                 // the client logs as an error each time).
                 if !standby_logged {
-                    tracing::info!(slot = %self.slot, pid = status.active_pid, "the slot is streamed by another reader; standing by until it is free");
+                    tracing::info!(slot = %self.s.slot, pid = status.active_pid, "the slot is streamed by another reader; standing by until it is free");
                     standby_logged = true;
                 }
                 tokio::select! {
@@ -480,10 +694,20 @@ impl LogStream {
             // (a relay that was streamed while this one stood by) moved.
             let mut held = Held::default();
             held.load(&self.pool, &self.tables).await?;
+            let contain = if self.contain {
+                self.take_slot(me).await?
+            } else {
+                None
+            };
             let mut client = ReplicationClient::connect(cfg)
                 .await
                 .map_err(|e| Error::Capture(format!("cannot start streaming: {e}")))?;
-            let mut run = Run::new(&self, confirmed);
+            let mut run = Run::new(&self, target.clone(), confirmed);
+            run.settled = self.settled_at().await?;
+            if let Some(until) = contain {
+                tracing::warn!(slot = %self.s.slot, from = %confirmed, until = %until, "the slot's last reader did not stop cleanly: the messages it may have had in flight are moved into the table, where a message that crashes its handler every time is contained");
+                run.contain = (2 * self.s.max_in_flight, until);
+            }
             let outcome = run
                 .stream(&mut client, &mut held, &mut shutdown, &mut standby_logged)
                 .await;
@@ -491,11 +715,14 @@ impl LogStream {
             match outcome {
                 Ok(()) => {
                     client.update_applied_lsn(confirmed);
+                    if self.contain {
+                        self.leave_slot(me).await;
+                    }
                     // Give the worker a moment to send the last confirmation;
                     // if it does not, the next start sends a few again.
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     let _ = client.shutdown().await;
-                    tracing::info!(slot = %self.slot, lsn = %confirmed, "log stream stopped");
+                    tracing::info!(slot = %self.s.slot, lsn = %confirmed, "log stream stopped");
                     return Ok(());
                 }
                 Err(StreamEnd::Standby) => {
@@ -511,7 +738,7 @@ impl LogStream {
                 }
                 Err(StreamEnd::Retry(why)) => {
                     client.abort();
-                    tracing::warn!(slot = %self.slot, retry_in = ?backoff, "log stream interrupted: {why}; resuming from {confirmed}");
+                    tracing::warn!(slot = %self.s.slot, retry_in = ?backoff, "log stream interrupted: {why}; resuming from {confirmed}");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = &mut shutdown => return Ok(()),
@@ -524,33 +751,80 @@ impl LogStream {
         }
     }
 
+    /// Records this reader in `outbox_slots`; returns the WAL's end when the
+    /// reader recorded before it did not stop cleanly.
+    async fn take_slot(&self, me: uuid::Uuid) -> Result<Option<Lsn>, Error> {
+        let row: Option<(Option<uuid::Uuid>, String)> = sqlx::query_as(
+            "WITH old AS (SELECT slot_name, reader FROM outbox_slots WHERE slot_name = $1 FOR UPDATE) \
+             UPDATE outbox_slots s SET reader = $2 FROM old WHERE s.slot_name = old.slot_name \
+             RETURNING old.reader, pg_current_wal_lsn()::text",
+        )
+        .bind(&self.s.slot)
+        .bind(me)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            Some((Some(before), end)) if before != me => Lsn::parse(&end).ok(),
+            _ => None,
+        })
+    }
+
+    /// The position `outbox_slots` records as settled (see `write_moves`).
+    async fn settled_at(&self) -> Result<Lsn, Error> {
+        let at: Option<Option<String>> =
+            sqlx::query_scalar("SELECT settled_lsn::text FROM outbox_slots WHERE slot_name = $1")
+                .bind(&self.s.slot)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(at
+            .flatten()
+            .and_then(|s| Lsn::parse(&s).ok())
+            .unwrap_or(Lsn(0)))
+    }
+
+    /// Records a clean stop.
+    async fn leave_slot(&self, me: uuid::Uuid) {
+        if let Err(e) = sqlx::query(
+            "UPDATE outbox_slots SET reader = NULL WHERE slot_name = $1 AND reader = $2",
+        )
+        .bind(&self.s.slot)
+        .bind(me)
+        .execute(&self.pool)
+        .await
+        {
+            tracing::warn!(slot = %self.s.slot, "recording a clean stop failed (the next start moves its first messages into the table): {e}");
+        }
+    }
+
     /// Makes sure the publication and the slot exist (creating the slot only
     /// on a first start); returns the slot's confirmed position.
     async fn prepare_slot(&self) -> Result<Lsn, Error> {
-        let status = slot_status(&self.pool, &self.slot).await?;
+        let status = slot_status(&self.pool, &self.s.slot).await?;
         check_other_database(&status)?;
         if !status.exists && !status.recorded {
-            if !self.create {
+            if !self.s.create {
                 return Err(Error::Capture(format!(
                     "slot {:?} does not exist; create it with `outbox slot create {}`",
-                    self.slot, self.slot
+                    self.s.slot, self.s.slot
                 )));
             }
-            match create_slot(&self.pool, &self.tables, &self.slot, &self.publication).await {
+            match create_slot(&self.pool, &self.tables, &self.s.slot, &self.s.publication).await {
                 Ok(_) => {}
                 // Another instance created it first: stream it (or stand by).
                 Err(Error::Capture(m)) if m.contains("exists already") => {}
                 Err(e) => return Err(e),
             }
         } else {
-            ensure_publication(&self.pool, &self.publication).await?;
+            ensure_publication(&self.pool, &self.s.publication).await?;
         }
-        if let Some(t) = &self.table {
+        sqlx::query(SLOTS_TABLE).execute(&self.pool).await?;
+        sqlx::query(SLOTS_COLUMNS).execute(&self.pool).await?;
+        if let Some(t) = &self.s.table {
             // Before the slot's first use: an insert is published only if
             // the table was in the publication when it was written.
-            t.add_to(&self.pool, &self.publication).await?;
+            t.add_to(&self.pool, &self.s.publication).await?;
         }
-        let status = slot_status(&self.pool, &self.slot).await?;
+        let status = slot_status(&self.pool, &self.s.slot).await?;
         check_slot(&status)?;
         Ok(status
             .confirmed_lsn
@@ -1065,17 +1339,21 @@ enum StreamEnd {
 
 /// What becomes of one message of a batch.
 enum Action {
-    /// Sent to the sink (index into the batch's outgoing messages).
+    /// Delivered (sent to the broker, or handled).
     Send,
     /// Moved into the table untried: its key is held.
     MoveHeld,
+    /// Moved into the table untried: the slot's last reader may have died
+    /// handling it.
+    Contain,
     /// Dead-lettered without a send.
     DeadLetter(FailureReason, String),
 }
 
 struct Item {
     txn: u64,
-    env: Envelope,
+    lsn: Lsn,
+    env: Arc<Envelope>,
     action: Action,
 }
 
@@ -1087,7 +1365,17 @@ struct Txn {
     read_at: Instant,
 }
 
-type Sent = (Vec<Item>, Vec<Result<(), SinkError>>);
+type Sent = (Vec<Item>, Vec<Verdict>);
+
+/// A message moved into the table: its attempts, the delay before its next
+/// one, its error, and why it moved (the `reason` of [`MOVED_TOTAL`]).
+type Move<'a> = (
+    &'a Envelope,
+    u32,
+    Option<Duration>,
+    Option<String>,
+    &'static str,
+);
 
 /// Transaction `seq`: the queue holds consecutive sequence numbers (pushed in
 /// order, popped from the front), so it is found by its offset.
@@ -1099,7 +1387,10 @@ fn txn_mut(txns: &mut VecDeque<Txn>, seq: u64) -> Option<&mut Txn> {
 
 /// The state of one streaming session.
 struct Run<'a> {
-    s: &'a LogStream,
+    s: &'a LogCapture,
+    pool: &'a PgPool,
+    tables: &'a Tables,
+    target: Arc<dyn Deliver>,
     prefix: String,
     heartbeat_prefix: String,
     confirmed: Lsn,
@@ -1112,13 +1403,21 @@ struct Run<'a> {
     /// Relations described in this session, and the captured table's oid
     /// once its description arrived.
     relations: crate::pgoutput::Relations,
+    /// Messages still to move into the table untried, and the position
+    /// past which none is (see [`LogStream::run`]).
+    contain: (usize, Lsn),
+    /// Where an earlier session recorded its messages settled.
+    settled: Lsn,
 }
 
 impl<'a> Run<'a> {
-    fn new(s: &'a LogStream, confirmed: Lsn) -> Self {
-        let prefix = prefix(&s.tables);
+    fn new(stream: &'a LogStream, target: Arc<dyn Deliver>, confirmed: Lsn) -> Self {
+        let prefix = prefix(&stream.tables);
         Self {
-            s,
+            s: &stream.s,
+            pool: &stream.pool,
+            tables: &stream.tables,
+            target,
             heartbeat_prefix: format!("{prefix}:heartbeat"),
             prefix,
             confirmed,
@@ -1129,6 +1428,8 @@ impl<'a> Run<'a> {
             in_flight: 0,
             last_event: Instant::now(),
             relations: Default::default(),
+            contain: (0, Lsn(0)),
+            settled: Lsn(0),
         }
     }
 
@@ -1197,7 +1498,7 @@ impl<'a> Run<'a> {
                     client.update_applied_lsn(self.confirmed);
                 }
                 _ = tick.tick() => {
-                    held.refresh(&self.s.pool, &self.s.tables).await;
+                    held.refresh(self.pool, self.tables).await;
                     let age = self.txns.front().map_or(0.0, |t| t.read_at.elapsed().as_secs_f64());
                     metrics::gauge!(UNCONFIRMED_AGE_SECONDS, "slot" => self.s.slot.clone()).set(age);
                     if self.txns.is_empty() && self.open.is_none()
@@ -1222,7 +1523,7 @@ impl<'a> Run<'a> {
     async fn beat(&self) {
         if let Err(e) = sqlx::query("SELECT pg_logical_emit_message(false, $1, ''::bytea)")
             .bind(&self.heartbeat_prefix)
-            .execute(&self.s.pool)
+            .execute(self.pool)
             .await
         {
             tracing::warn!(slot = %self.s.slot, "heartbeat failed: {e}");
@@ -1231,7 +1532,7 @@ impl<'a> Run<'a> {
 
     /// Samples the WAL the slot keeps back.
     async fn sample_lag(&self) {
-        if let Ok(s) = slot_status(&self.s.pool, &self.s.slot).await {
+        if let Ok(s) = slot_status(self.pool, &self.s.slot).await {
             if let Some(lag) = s.lag_bytes {
                 metrics::gauge!(SLOT_LAG_BYTES, "slot" => self.s.slot.clone()).set(lag as f64);
             }
@@ -1312,7 +1613,7 @@ impl<'a> Run<'a> {
                     ),
                 };
                 env.created_at_ms = created_ms;
-                self.push(txn, env, refused, held);
+                self.push(txn, env, refused, held, lsn);
             }
             ReplicationEvent::KeepAlive { wal_end, .. } => self.idle_confirm(wal_end),
             ReplicationEvent::XLogData {
@@ -1347,7 +1648,7 @@ impl<'a> Run<'a> {
                 };
                 let (mut env, refused) = table.envelope(rel, &values, lsn);
                 env.created_at_ms = created_ms;
-                self.push(txn, env, refused, held);
+                self.push(txn, env, refused, held, lsn);
             }
             Ok(Change::Other) => {}
             Err(e) => {
@@ -1370,9 +1671,17 @@ impl<'a> Run<'a> {
     /// Adds a message of transaction `txn` to the batch being read: refused
     /// for good (dead-lettered as `rejected` with the reason), moved after
     /// its held key, or sent.
-    fn push(&mut self, txn: u64, env: Envelope, refused: Option<String>, held: &Held) {
+    fn push(&mut self, txn: u64, env: Envelope, refused: Option<String>, held: &Held, lsn: Lsn) {
+        if lsn <= self.settled {
+            // Settled by an earlier session (see `write_moves`).
+            return;
+        }
         let action = match refused {
             Some(why) => Action::DeadLetter(FailureReason::Rejected, why),
+            None if self.contain.0 > 0 && lsn <= self.contain.1 => {
+                self.contain.0 -= 1;
+                Action::Contain
+            }
             None if held.holds(&env.queue, env.key.as_deref()) => Action::MoveHeld,
             None => Action::Send,
         };
@@ -1380,7 +1689,12 @@ impl<'a> Run<'a> {
             t.pending += 1;
         }
         self.in_flight += 1;
-        self.batch.push(Item { txn, env, action });
+        self.batch.push(Item {
+            txn,
+            lsn,
+            env: Arc::new(env),
+            action,
+        });
     }
 
     /// Sends the batch read so far (items with nothing to send pass through).
@@ -1388,7 +1702,7 @@ impl<'a> Run<'a> {
         if self.batch.is_empty() {
             return;
         }
-        let mut items = std::mem::take(&mut self.batch);
+        let items = std::mem::take(&mut self.batch);
         crate::metrics::count_by_queue(
             READ_TOTAL,
             items
@@ -1396,24 +1710,16 @@ impl<'a> Run<'a> {
                 .filter(|i| i.env.id != 0)
                 .map(|i| i.env.queue.as_str()),
         );
-        // The route's refusals are known before the send.
-        let mut out = Vec::new();
-        for item in &mut items {
-            if let Action::Send = item.action {
-                match (self.s.route)(&item.env) {
-                    Ok(mut o) => {
-                        crate::runtime::add_headers(&mut o, &item.env);
-                        out.push(o);
-                    }
-                    Err(why) => item.action = Action::DeadLetter(FailureReason::Rejected, why),
-                }
-            }
-        }
-        let sink = self.s.sink.clone();
+        let envs: Vec<Arc<Envelope>> = items
+            .iter()
+            .filter(|i| matches!(i.action, Action::Send))
+            .map(|i| i.env.clone())
+            .collect();
+        let target = self.target.clone();
         sending.push_back(
             async move {
-                let results = send_with_pauses(&*sink, out).await;
-                (items, results)
+                let verdicts = deliver_with_pauses(&*target, envs).await;
+                (items, verdicts)
             }
             .boxed(),
         );
@@ -1421,63 +1727,52 @@ impl<'a> Run<'a> {
 
     /// Settles a sent batch in stream order: dead letters and moves are
     /// written first, then the batch's transactions count it done.
-    async fn settle(&mut self, (items, results): Sent, held: &mut Held) -> Result<(), StreamEnd> {
-        let mut results = results.into_iter();
-        let mut moves: Vec<(&Envelope, u32, Option<Duration>, Option<String>)> = Vec::new();
+    async fn settle(&mut self, (items, verdicts): Sent, held: &mut Held) -> Result<(), StreamEnd> {
+        let mut verdicts = verdicts.into_iter();
+        let mut moves: Vec<Move> = Vec::new();
         let mut dead: Vec<(&Envelope, FailureReason, String, u32)> = Vec::new();
         let mut sent: Vec<&str> = Vec::new();
         for item in &items {
             match &item.action {
-                Action::Send => match results.next() {
-                    Some(Ok(())) => sent.push(&item.env.queue),
-                    Some(Err(e)) if e.permanent => {
-                        dead.push((
-                            &item.env,
-                            FailureReason::PublishRejected,
-                            e.message.clone(),
-                            1,
-                        ));
+                Action::Send => match verdicts.next() {
+                    Some(Verdict::Done) => sent.push(&item.env.queue),
+                    Some(Verdict::Fail(reason, why)) => dead.push((&item.env, reason, why, 1)),
+                    Some(Verdict::Retry { error, delay, .. }) => {
+                        moves.push((&item.env, 1, Some(delay), Some(error), "failed"))
                     }
-                    other => {
-                        let message = match other {
-                            Some(Err(e)) => e.message,
-                            _ => "the sink answered fewer results than messages".into(),
-                        };
-                        let err = HandlerError::transient(&message);
-                        match self
-                            .s
-                            .retry
-                            .next_delay(&Failure::new(1, Duration::ZERO, &err))
-                        {
-                            Some(delay) => moves.push((&item.env, 1, Some(delay), Some(message))),
-                            None => {
-                                dead.push((&item.env, FailureReason::RetriesExhausted, message, 1))
-                            }
-                        }
-                    }
+                    Some(Verdict::Defer) => moves.push((&item.env, 0, None, None, "deferred")),
+                    None => moves.push((
+                        &item.env,
+                        1,
+                        None,
+                        Some("the delivery answered fewer verdicts than messages".into()),
+                        "failed",
+                    )),
                 },
-                Action::MoveHeld => moves.push((&item.env, 0, None, None)),
+                Action::MoveHeld => moves.push((&item.env, 0, None, None, "key_held")),
+                Action::Contain => moves.push((&item.env, 0, None, None, "contained")),
                 Action::DeadLetter(reason, why) => dead.push((&item.env, *reason, why.clone(), 0)),
             }
         }
         crate::metrics::count_by_queue(SENT_TOTAL, sent);
-        if !moves.is_empty() {
-            self.write_moves(&moves).await?;
-            let now = Instant::now();
-            for (env, attempts, _, _) in &moves {
-                if let Some(k) = &env.key {
-                    held.keys.insert((env.queue.clone(), k.clone()), now);
-                }
-                let reason = if *attempts == 0 { "key_held" } else { "failed" };
-                metrics::counter!(MOVED_TOTAL, "queue" => env.queue.clone(), "reason" => reason)
-                    .increment(1);
-            }
-        }
+        // Dead letters first: the moves record the batch as settled.
         if !dead.is_empty() {
             self.write_dead(&dead).await?;
             for (env, reason, why, _) in &dead {
                 tracing::warn!(queue = %env.queue, id = env.id, reason = %reason, "{} | log message failed for good: {why}", env.queue);
                 metrics::counter!(DEAD_LETTERED_TOTAL, "queue" => env.queue.clone(), "reason" => reason.as_str()).increment(1);
+            }
+        }
+        if !moves.is_empty() {
+            let upto = items.iter().map(|i| i.lsn).max().unwrap_or(Lsn(0));
+            self.write_moves(&moves, upto).await?;
+            let now = Instant::now();
+            for (env, _, _, _, reason) in &moves {
+                if let Some(k) = &env.key {
+                    held.keys.insert((env.queue.clone(), k.clone()), now);
+                }
+                metrics::counter!(MOVED_TOTAL, "queue" => env.queue.clone(), "reason" => *reason)
+                    .increment(1);
             }
         }
         for item in &items {
@@ -1507,15 +1802,23 @@ impl<'a> Run<'a> {
 
     /// Moves messages into the outbox table, keeping their ids (a message
     /// already there from an earlier run is left as it is).
-    async fn write_moves(
-        &self,
-        moves: &[(&Envelope, u32, Option<Duration>, Option<String>)],
-    ) -> Result<(), StreamEnd> {
-        let sql = crate::sql::move_from_log(&self.s.tables);
+    ///
+    /// In the same statement, records `upto` (the batch's last position) as
+    /// settled in `outbox_slots`: a later session that reads the batch
+    /// again (its confirmation had not reached the server) skips it, rather
+    /// than moving again a message the table workers may have handled and
+    /// deleted meanwhile.
+    async fn write_moves(&self, moves: &[Move<'_>], upto: Lsn) -> Result<(), StreamEnd> {
+        let sql = crate::sql::move_from_log(self.tables);
+        let upto = upto.to_string();
         retry_write("moving failed log messages into the table", || {
             let mut rows = Rows::default();
             let (mut delays, mut attempts, mut errors) = (Vec::new(), Vec::new(), Vec::new());
-            for (env, a, delay, err) in moves {
+            let mut deliveries = Vec::new();
+            for (env, a, delay, err, reason) in moves {
+                // A contained message counts as delivered once and never
+                // settled: the table workers handle it alone, under suspicion.
+                deliveries.push(*a as i32 + i32::from(*reason == "contained"));
                 rows.push(env);
                 delays.push(delay.map_or(0, |d| {
                     i64::try_from(d.min(crate::claim::MAX_RETRY_DELAY).as_micros())
@@ -1528,34 +1831,49 @@ impl<'a> Run<'a> {
                 .bind(delays)
                 .bind(attempts)
                 .bind(errors)
-                .execute(&self.s.pool)
+                .bind(deliveries)
+                .bind(&upto)
+                .bind(&self.s.slot)
+                .execute(self.pool)
         })
         .await
     }
 
     /// Dead-letters messages (or parks them in the table without a
-    /// dead-letter table).
+    /// dead-letter table), each in the tables its queue's failures go to.
     async fn write_dead(
         &self,
         dead: &[(&Envelope, FailureReason, String, u32)],
     ) -> Result<(), StreamEnd> {
-        let sql = crate::sql::dead_letter_from_log(&self.s.tables);
-        retry_write("dead-lettering log messages", || {
-            let mut rows = Rows::default();
-            let (mut reasons, mut errors, mut attempts) = (Vec::new(), Vec::new(), Vec::new());
-            for (env, reason, why, a) in dead {
-                rows.push(env);
-                reasons.push(reason.as_str().to_owned());
-                errors.push(storable(why).into_owned());
-                attempts.push(*a as i32);
+        let mut by_tables: Vec<(Tables, Vec<usize>)> = Vec::new();
+        for (i, (env, ..)) in dead.iter().enumerate() {
+            let t = self.target.tables_for(&env.queue, self.tables);
+            match by_tables.iter_mut().find(|(k, _)| *k == t) {
+                Some((_, idx)) => idx.push(i),
+                None => by_tables.push((t, vec![i])),
             }
-            rows.bind(sqlx::query(&sql))
-                .bind(reasons)
-                .bind(errors)
-                .bind(attempts)
-                .execute(&self.s.pool)
-        })
-        .await
+        }
+        for (tables, idx) in by_tables {
+            let sql = crate::sql::dead_letter_from_log(&tables);
+            retry_write("dead-lettering log messages", || {
+                let mut rows = Rows::default();
+                let (mut reasons, mut errors, mut attempts) = (Vec::new(), Vec::new(), Vec::new());
+                for &i in &idx {
+                    let (env, reason, why, a) = &dead[i];
+                    rows.push(env);
+                    reasons.push(reason.as_str().to_owned());
+                    errors.push(storable(why).into_owned());
+                    attempts.push(*a as i32);
+                }
+                rows.bind(sqlx::query(&sql))
+                    .bind(reasons)
+                    .bind(errors)
+                    .bind(attempts)
+                    .execute(self.pool)
+            })
+            .await?;
+        }
+        Ok(())
     }
 }
 
@@ -1626,30 +1944,36 @@ where
     unreachable!("the last attempt returns")
 }
 
-/// Sends a batch; when every message failed transiently (the broker is
-/// unreachable), sends it again after a pause, [`PAUSE_TRIES`] times.
-async fn send_with_pauses(sink: &dyn Sink, out: Vec<Outgoing>) -> Vec<Result<(), SinkError>> {
-    if out.is_empty() {
+/// Delivers a batch; when every message failed transiently at the broker
+/// (it is unreachable), delivers it again after a pause, [`PAUSE_TRIES`]
+/// times, before its messages are moved into the table.
+async fn deliver_with_pauses(target: &dyn Deliver, batch: Vec<Arc<Envelope>>) -> Vec<Verdict> {
+    if batch.is_empty() {
         return Vec::new();
     }
     let mut pause = Duration::from_secs(1);
     for _ in 0..PAUSE_TRIES {
-        let results = sink.send(out.clone()).await;
-        let all_transient = results.len() == out.len()
-            && results.iter().all(|r| matches!(r, Err(e) if !e.permanent));
-        if !all_transient {
-            return results;
+        let verdicts = target.deliver(batch.clone()).await;
+        let broker_down = verdicts.len() == batch.len()
+            && verdicts
+                .iter()
+                .all(|v| matches!(v, Verdict::Retry { broker: true, .. }));
+        if !broker_down {
+            return verdicts;
         }
+        let why = match verdicts.first() {
+            Some(Verdict::Retry { error, .. }) => error.as_str(),
+            _ => "",
+        };
         tracing::warn!(
-            messages = out.len(),
+            messages = batch.len(),
             retry_in = ?pause,
-            "every message of a batch failed ({}); the stream pauses",
-            results.first().and_then(|r| r.as_ref().err()).map_or("", |e| e.message.as_str())
+            "every message of a batch failed ({why}); the stream pauses",
         );
         tokio::time::sleep(pause).await;
         pause *= 2;
     }
-    sink.send(out).await
+    target.deliver(batch).await
 }
 
 /// What a replication error means for the stream.

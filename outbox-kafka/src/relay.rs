@@ -16,7 +16,7 @@ use crate::config::{human, parse_bool, parse_duration, parse_number, BrokerConfi
 use crate::topic::{check_topic_name, topic_char};
 use crate::Broker;
 use outbox::logging::{is_secret_name, redact_url, url_secrets};
-use outbox::stream::LogStream;
+use outbox::stream::{LogCapture, LogStream};
 use outbox::{
     Capture, Envelope, ExponentialRetry, HandlerError, Output, Subscriber, TableName, Tables,
 };
@@ -565,18 +565,18 @@ impl RelayConfig {
         let retry = self
             .retry()
             .map_err(|e| ConfigError::invalid("RETRY_*", e))?;
-        let mut stream = LogStream::new(pool, self.database_url.clone(), Arc::new(broker), route)
-            .tables(self.tables()?)
+        let mut capture = LogCapture::new(self.database_url.clone())
             .slot(self.capture_slot.clone())
             .publication(self.capture_publication.clone())
-            .retry(retry)
             .batch_size(self.batch_size)
             .max_in_flight(self.capture_max_in_flight)
             .heartbeat(self.capture_heartbeat);
         if let Some(t) = &self.capture_table {
-            stream = stream.capture_table(t.clone());
+            capture = capture.capture_table(t.clone());
         }
-        Ok(stream)
+        Ok(LogStream::new(pool, capture, Arc::new(broker), route)
+            .tables(self.tables()?)
+            .retry(retry))
     }
 
     /// The outbox and dead-letter tables.

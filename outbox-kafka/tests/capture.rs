@@ -394,10 +394,13 @@ async fn a_transient_failure_moves_the_message_into_the_table_and_its_key_follow
         })
     });
     let (stop, stopped) = oneshot::channel::<()>();
-    let stream =
-        outbox::stream::LogStream::new(db.pool.clone(), db.url.clone(), sink.clone(), route)
-            .slot(slot_of(&db))
-            .retry(outbox::ConstantRetry::new(Duration::from_millis(200)));
+    let stream = outbox::stream::LogStream::new(
+        db.pool.clone(),
+        outbox::stream::LogCapture::new(db.url.clone()).slot(slot_of(&db)),
+        sink.clone(),
+        route,
+    )
+    .retry(outbox::ConstantRetry::new(Duration::from_millis(200)));
     let streaming = tokio::spawn(stream.run(async move {
         let _ = stopped.await;
     }));
@@ -814,5 +817,388 @@ async fn rows_inserted_into_a_debezium_table_are_sent_in_commit_order_and_the_ta
     );
     assert_eq!(count(&db.pool, "select count(*) from outbox").await, 0);
     stop_relay(relay).await;
+    db.drop_db().await;
+}
+
+// ---- Handlers from the log: an App with `capture_log` ----
+
+/// The app's log capture for the test's slot.
+fn app_capture(db: &TestDb) -> outbox::stream::LogCapture {
+    outbox::stream::LogCapture::new(db.url.clone())
+        .slot(slot_of(db))
+        .heartbeat(Duration::from_millis(200))
+}
+
+/// What a handler saw: `(key, n, attempt)`, in call order.
+type Calls = Arc<std::sync::Mutex<Vec<(String, i64, u32)>>>;
+
+fn calls_of(calls: &Calls, key: &str) -> Vec<(i64, u32)> {
+    calls
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|c| c.0 == key)
+        .map(|c| (c.1, c.2))
+        .collect()
+}
+
+/// Point 5: an app drives its handler (and its stacked publisher) from the
+/// log: every committed message is handled and forwarded once, each key in
+/// commit order, a rolled-back one never; a message of a queue the app has
+/// no subscriber for is moved into the table, untried, for whoever takes
+/// that queue; nothing else is written to the table; a clean stop is
+/// recorded (the next start contains nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_handles_log_messages_in_key_order_and_forwards_them_once() {
+    let db = migrated("warn").await;
+    let topic = unique_topic("log-app");
+    create_topic(&topic, 3).await;
+    let calls: Calls = Default::default();
+    let seen = calls.clone();
+    let out = topic.clone();
+    let handler = move |env: Arc<outbox::Envelope>, _ctx: outbox::Context| {
+        let (seen, out) = (seen.clone(), out.clone());
+        async move {
+            let v: serde_json::Value = serde_json::from_slice(&env.payload).unwrap();
+            seen.lock().unwrap().push((
+                env.key.clone().unwrap_or_default(),
+                v["n"].as_i64().unwrap(),
+                env.attempt,
+            ));
+            Ok(outbox::Output::none().publish("kafka", &out, None, env.payload.clone()))
+        }
+    };
+    let broker = Broker::new(BrokerConfig::new(&kafka_brokers())).unwrap();
+    let running = outbox::App::manual(db.pool.clone())
+        .register(
+            outbox::Subscriber::new("forward", handler)
+                .queue("orders")
+                .ordered(true),
+        )
+        .broker(broker)
+        .capture_log(app_capture(&db))
+        .start()
+        .await
+        .unwrap();
+    wait_streaming(&db).await;
+
+    let ob = log_outbox();
+    let mut tx = db.pool.begin().await.unwrap();
+    ob.publish(&mut *tx, "orders", &serde_json::json!({ "n": -1 }))
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    let ids = publish_log(&db.pool, "orders", 0, 600, 30, 6).await;
+    let stray = ob
+        .publish(&db.pool, "nobody-here", &serde_json::json!({ "n": 0 }))
+        .await
+        .unwrap();
+    let got = consume_all(&topic, 600, Duration::from_secs(60)).await;
+    wait_confirmed(&db, Duration::from_secs(60)).await;
+    assert_eq!(got.len(), 600, "each message forwarded once");
+    let sent: HashSet<i64> = got.iter().map(outbox_id).collect();
+    assert_eq!(sent, ids.iter().copied().collect(), "the published ids");
+    for (key, ns) in by_key(&got) {
+        assert!(
+            ns.windows(2).all(|w| w[0] < w[1]),
+            "key {} forwarded out of order: {ns:?}",
+            String::from_utf8_lossy(&key)
+        );
+    }
+    assert_eq!(calls.lock().unwrap().len(), 600, "each handled once");
+    for k in 0..6 {
+        let ns: Vec<i64> = calls_of(&calls, &format!("key-{k}"))
+            .into_iter()
+            .map(|c| c.0)
+            .collect();
+        assert!(
+            ns.windows(2).all(|w| w[0] < w[1]),
+            "key-{k} handled out of order: {ns:?}"
+        );
+    }
+    let rows: Vec<(i64, String, i32)> = sqlx::query_as("select id, queue, attempts from outbox")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        rows,
+        vec![(stray, "nobody-here".to_owned(), 0)],
+        "only the message no subscriber takes is in the table, untried"
+    );
+    running.shutdown().await;
+    let reader: Option<uuid::Uuid> =
+        sqlx::query_scalar("select reader from outbox_slots where slot_name = $1")
+            .bind(slot_of(&db))
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(reader, None, "a clean stop is recorded");
+    db.drop_db().await;
+}
+
+/// Point 5, the failure path: from the log, a transient failure moves the
+/// message into the table with its first attempt counted, where the same
+/// subscriber retries it (its strategy) and dead-letters it at the end of
+/// its budget into its own dead-letter table; a rejected message is
+/// dead-lettered at once; a key's later messages wait for its failed one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_failing_on_a_log_message_retries_it_from_the_table_in_key_order() {
+    let db = migrated("warn").await;
+    let calls: Calls = Default::default();
+    let seen = calls.clone();
+    let handler = move |env: Arc<outbox::Envelope>, _ctx: outbox::Context| {
+        let seen = seen.clone();
+        async move {
+            let v: serde_json::Value = serde_json::from_slice(&env.payload).unwrap();
+            let key = env.key.clone().unwrap_or_default();
+            seen.lock()
+                .unwrap()
+                .push((key, v["n"].as_i64().unwrap(), env.attempt));
+            match (v["fail"].as_str(), env.attempt) {
+                (Some("always"), _) => Err(outbox::HandlerError::transient("injected: down")),
+                (Some("once"), 1) => Err(outbox::HandlerError::transient("injected: blip")),
+                (Some("reject"), _) => Err(outbox::HandlerError::reject("injected: invalid")),
+                _ => Ok(outbox::Output::none()),
+            }
+        }
+    };
+    let app = outbox::App::manual(db.pool.clone())
+        .register(
+            outbox::Subscriber::new("flaky", handler)
+                .queue("jobs")
+                .ordered(true)
+                .dlq("jobs_dlq")
+                .retry(
+                    outbox::ConstantRetry::new(Duration::from_millis(200))
+                        .max_attempts(3)
+                        .jitter(0.0),
+                ),
+        )
+        .capture_log(app_capture(&db));
+    app.migrate().await.unwrap();
+    let running = app.start().await.unwrap();
+    wait_streaming(&db).await;
+
+    let msg = |n: i64, key: &str, fail: Option<&str>| {
+        Message::json("jobs", &serde_json::json!({ "n": n, "fail": fail }))
+            .unwrap()
+            .key(key)
+    };
+    let ob = log_outbox();
+    let mut tx = db.pool.begin().await.unwrap();
+    let ids = ob
+        .publish_batch(
+            &mut *tx,
+            vec![
+                msg(0, "a", None),
+                msg(1, "a", Some("always")),
+                msg(2, "a", None),
+                msg(0, "b", Some("reject")),
+                msg(1, "b", None),
+                msg(0, "c", Some("once")),
+            ],
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let pool = db.pool.clone();
+    eventually("every message settled", Duration::from_secs(60), || {
+        let pool = pool.clone();
+        async move {
+            count(&pool, "select count(*) from outbox").await == 0
+                && count(&pool, "select count(*) from jobs_dlq").await == 2
+        }
+    })
+    .await;
+    let dead: Vec<(i64, String, i32)> = sqlx::query_as(
+        "select original_id, failure_reason, attempts from jobs_dlq order by original_id",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        dead,
+        vec![
+            (ids[1], "retries_exhausted".to_owned(), 3),
+            (ids[3], "rejected".to_owned(), 1)
+        ],
+        "the subscriber's own dead-letter table"
+    );
+    assert_eq!(count(&db.pool, "select count(*) from outbox_dlq").await, 0);
+    assert_eq!(
+        calls_of(&calls, "a"),
+        vec![(0, 1), (1, 1), (1, 2), (1, 3), (2, 1)],
+        "key a: its later message waited for the failed one"
+    );
+    assert_eq!(calls_of(&calls, "b"), vec![(0, 1), (1, 1)]);
+    assert_eq!(calls_of(&calls, "c"), vec![(0, 1), (0, 2)]);
+    running.shutdown().await;
+    db.drop_db().await;
+}
+
+/// The child process of the log crash test: an app handling queue `crashy`
+/// from the log; its handler aborts the process on the payload "poison".
+/// Runs until the slot is confirmed past `OUTBOX_CRASH_CHILD_END` and the
+/// table is empty. Run by `a_log_message_that_aborts_the_app_is_dead_lettered_as_crashed`.
+#[test]
+#[ignore = "child process of a_log_message_that_aborts_the_app_is_dead_lettered_as_crashed"]
+fn log_crash_child_process() {
+    let url = std::env::var("OUTBOX_CRASH_CHILD_URL").expect("run by the crash test only");
+    let slot = std::env::var("OUTBOX_CRASH_CHILD_SLOT").unwrap();
+    let end = std::env::var("OUTBOX_CRASH_CHILD_END").unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let pool = PgPool::connect(&url).await.unwrap();
+        let handler = |env: Arc<outbox::Envelope>, ctx: outbox::Context| async move {
+            let pool = <PgPool as outbox::FromContext>::from_context(&env, &ctx)?;
+            sqlx::query("insert into calls (msg_id, pid, attempt) values ($1, $2, $3)")
+                .bind(env.id)
+                .bind(std::process::id() as i32)
+                .bind(env.attempt as i32)
+                .execute(&pool)
+                .await
+                .map_err(outbox::HandlerError::transient)?;
+            if env.payload == b"\"poison\"" {
+                std::process::abort();
+            }
+            Ok(outbox::Output::none())
+        };
+        let running = outbox::App::manual(pool.clone())
+            .register(
+                outbox::Subscriber::new("crashy", handler)
+                    .queue("crashy")
+                    .lease_ttl(Duration::from_secs(1))
+                    .poll_interval(Duration::from_millis(20), Duration::from_millis(100))
+                    .max_deliveries(3),
+            )
+            .capture_log(
+                outbox::stream::LogCapture::new(url.clone())
+                    .slot(slot.clone())
+                    .heartbeat(Duration::from_millis(100)),
+            )
+            .start()
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        loop {
+            let done: bool = sqlx::query_scalar(
+                "select confirmed_flush_lsn >= $1::pg_lsn and not exists (select 1 from outbox) \
+                 from pg_replication_slots where slot_name = $2",
+            )
+            .bind(&end)
+            .bind(&slot)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+            if done {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "child: not done in 60 s"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        running.shutdown().await;
+    });
+}
+
+/// Point 5 with issue 14's crash containment: a log message whose handler
+/// aborts the app. The next start cannot tell which message killed its
+/// predecessor, so it moves the window the dead reader may have had in
+/// flight into the table, where the poison is handled alone and, after
+/// `max_deliveries` (3) deliveries never settled, dead-lettered as
+/// `crashed`; the healthy messages are handled once or twice, not once per
+/// crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_message_that_aborts_the_app_is_dead_lettered_as_crashed() {
+    let db = migrated("warn").await;
+    let pool = &db.pool;
+    sqlx::query("create table calls (msg_id int8 not null, pid int4 default pg_backend_pid(), attempt int4, at timestamptz default clock_timestamp())")
+        .execute(pool)
+        .await
+        .unwrap();
+    let slot = slot_of(&db);
+    outbox::stream::create_slot(pool, &Tables::default(), &slot, "outbox_relay")
+        .await
+        .unwrap();
+    let ob = log_outbox();
+    let mut tx = pool.begin().await.unwrap();
+    let mut msgs = vec![Message::json("crashy", &"poison").unwrap()];
+    for i in 0..9 {
+        msgs.push(Message::json("crashy", &i).unwrap());
+    }
+    let ids = ob.publish_batch(&mut *tx, msgs).await.unwrap();
+    tx.commit().await.unwrap();
+    let end: String = sqlx::query_scalar("select pg_current_wal_lsn()::text")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let mut crashes = 0;
+    let started = std::time::Instant::now();
+    loop {
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "not done in 120 s"
+        );
+        let status = std::process::Command::new(&exe)
+            .args([
+                "--ignored",
+                "--exact",
+                "log_crash_child_process",
+                "--nocapture",
+            ])
+            .env("OUTBOX_CRASH_CHILD_URL", &db.url)
+            .env("OUTBOX_CRASH_CHILD_SLOT", &slot)
+            .env("OUTBOX_CRASH_CHILD_END", &end)
+            .env("RUST_LOG", "outbox=error")
+            .status()
+            .unwrap();
+        if status.success() {
+            break;
+        }
+        crashes += 1;
+        assert!(crashes <= 3, "the app crashed {crashes} times");
+    }
+    assert_eq!(crashes, 3, "one crash per delivery of the poison message");
+    let dead: Vec<(i64, String)> =
+        sqlx::query_as("select original_id, failure_reason from outbox_dlq")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert_eq!(dead, vec![(ids[0], "crashed".to_owned())]);
+    let calls: Vec<(i64, i64)> =
+        sqlx::query_as("select msg_id, count(*) from calls group by msg_id")
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    let calls: HashMap<i64, i64> = calls.into_iter().collect();
+    assert_eq!(
+        calls.get(&ids[0]),
+        Some(&3),
+        "the poison was handled 3 times"
+    );
+    for id in &ids[1..] {
+        let n = calls.get(id).copied().unwrap_or(0);
+        if !(1..=2).contains(&n) {
+            let all: Vec<(i64, i32, i32, String)> =
+                sqlx::query_as("select msg_id, pid, attempt, at::text from calls order by at")
+                    .fetch_all(pool)
+                    .await
+                    .unwrap();
+            for c in all {
+                eprintln!("{c:?}");
+            }
+        }
+        assert!(
+            (1..=2).contains(&n),
+            "healthy message {id} handled {n} times"
+        );
+    }
     db.drop_db().await;
 }
