@@ -5,7 +5,7 @@
 //! ```text
 //! cargo build --release -p outbox-kafka --bin outbox-relay
 //! cargo run --release --example bench -- [--json out.jsonl] [--modes relay,handler,sql]
-//!     [--batches 1,10,100,1000] [--rows 200000] [--workloads drain,steady-1000,steady-10000]
+//!     [--batches 1,10,100,1000] [--rows 200000] [--workloads drain,steady-1000,steady-10000,produce]
 //!     [--duration 20] [--steady-batch 500 (the relay's default)] [--workers 2] [--partitions 6] [--no-cap]
 //!     [--fillfactor N (overrides the migrations' table setting)] [--smoke]
 //!     [--observe-md out.md (with workload observe)]
@@ -35,6 +35,12 @@
 //!   listed and replayed from the dead-letter table with `outbox dlq`. Prints
 //!   (and with `--observe-md` writes) what they showed, and fails when the
 //!   backlog was not seen draining or the replay did not put the row back.
+//! * workload `produce` (no Kafka, `--modes` ignored): what publishing costs
+//!   the producer's transaction. 8 clients commit one business transaction
+//!   after another for `--duration`: the business `INSERT` alone, with a
+//!   `publish` in table mode, and with a `publish` in log mode (its slot
+//!   present). Prints transactions per second and their latency, and the
+//!   outbox table's inserts, deletes and dead tuples meanwhile.
 //!
 //! Both child modes are measured from `/proc/<pid>`: CPU seconds (utime+stime)
 //! and peak RSS (VmHWM). Every measurement uses truncated tables in a scratch
@@ -137,7 +143,7 @@ fn parse_args() -> Result<Opts, String> {
             "--smoke" => {
                 o.rows = 2_000;
                 o.batches = vec![100];
-                o.workloads = list("drain,steady-1000,observe");
+                o.workloads = list("drain,steady-1000,observe,produce");
                 o.duration = Duration::from_secs(2);
             }
             "-h" | "--help" => {
@@ -162,9 +168,9 @@ fn parse_args() -> Result<Opts, String> {
         }
     }
     for w in &o.workloads {
-        if !["drain", "steady-1000", "steady-10000", "observe"].contains(&w.as_str()) {
+        if !["drain", "steady-1000", "steady-10000", "observe", "produce"].contains(&w.as_str()) {
             return Err(format!(
-                "unknown workload {w:?} (accepted: drain, steady-1000, steady-10000, observe)"
+                "unknown workload {w:?} (accepted: drain, steady-1000, steady-10000, observe, produce)"
             ));
         }
     }
@@ -265,6 +271,124 @@ async fn load_as(pool: &PgPool, rows: usize, mode: &str) {
         i += n;
     }
     pool.execute("VACUUM ANALYZE outbox").await.expect("vacuum");
+}
+
+/// The outbox table's insert and delete counts and dead tuples
+/// (`pg_stat_user_tables`).
+async fn table_stats(pool: &PgPool) -> (i64, i64, i64) {
+    sqlx::query_as(
+        "SELECT n_tup_ins, n_tup_del, n_dead_tup FROM pg_stat_user_tables WHERE relname = 'outbox'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap_or((-1, -1, -1))
+}
+
+/// Clients of workload `produce`, as in the issue's pgbench runs.
+const PRODUCERS: usize = 8;
+
+/// Workload `produce`: what publishing costs the producer. [`PRODUCERS`]
+/// clients each commit one business transaction after another for
+/// `--duration`: an `INSERT` into a business table alone (`insert`), with a
+/// `publish` in table mode (`table`: a row), or in log mode (`log`: a WAL
+/// record, into a slot that exists). Messages are transactions; latency is
+/// each transaction's, begin to commit.
+async fn produce(o: &Opts, pool: &PgPool, db_url: &str, variant: &str) -> Record {
+    reset(pool).await;
+    pool.execute(
+        "CREATE TABLE IF NOT EXISTS bench_orders (id bigserial PRIMARY KEY, customer int8 NOT NULL, \
+         amount numeric NOT NULL, created_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await
+    .expect("business table");
+    pool.execute("TRUNCATE bench_orders")
+        .await
+        .expect("truncate");
+    pool.execute("VACUUM ANALYZE outbox, bench_orders")
+        .await
+        .expect("vacuum");
+    if variant == "log" {
+        create_slot(pool).await;
+    }
+    let before = table_stats(pool).await;
+    // The producers' own connections: closed at the end, so that their
+    // statistics reach pg_stat_user_tables.
+    let producers = PgPoolOptions::new()
+        .max_connections(PRODUCERS as u32)
+        .connect(db_url)
+        .await
+        .expect("producer pool");
+    let end = Instant::now() + o.duration;
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for p in 0..PRODUCERS {
+        let (pool, variant) = (producers.clone(), variant.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let ob = outbox_for(&variant);
+            let mut lat = Vec::new();
+            let mut n = p * 10_000_000;
+            while Instant::now() < end {
+                let t = Instant::now();
+                let mut tx = pool.begin().await.expect("begin");
+                sqlx::query("INSERT INTO bench_orders (customer, amount) VALUES ($1, $2::numeric)")
+                    .bind(n as i64 % 1000)
+                    .bind("19.90")
+                    .execute(&mut *tx)
+                    .await
+                    .expect("business insert");
+                if variant != "insert" {
+                    ob.publish_message(&mut *tx, message(n, 0))
+                        .await
+                        .expect("publish");
+                }
+                tx.commit().await.expect("commit");
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                n += 1;
+            }
+            lat
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        lat.extend(t.await.expect("producer"));
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    producers.close().await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let after = table_stats(pool).await;
+    let rows = remaining(pool).await;
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let what = match variant {
+        "insert" => "the business INSERT alone",
+        "table" => "the business INSERT + publish in table mode (an outbox row)",
+        _ => "the business INSERT + publish in log mode (pg_logical_emit_message, slot present)",
+    };
+    let extra = format!(
+        "; produce: {PRODUCERS} clients for {:.0} s, one transaction after another: {what}; msgs = transactions; \
+         latency = begin to commit; outbox table meanwhile: {} inserts, {} deletes, {} dead tuples (pg_stat_user_tables), {rows} rows after",
+        o.duration.as_secs_f64(),
+        after.0 - before.0,
+        after.1 - before.1,
+        after.2,
+    );
+    Record {
+        system: "outbox-rs",
+        mode: variant.into(),
+        workload: "produce".into(),
+        batch_size: 1,
+        messages: lat.len(),
+        seconds,
+        p50_ms: percentile(&lat, 0.50),
+        p99_ms: percentile(&lat, 0.99),
+        max_ms: lat.last().copied(),
+        cpu_s: None,
+        peak_rss_mb: None,
+        settings: format!(
+            "{}; PostgreSQL 15 on loopback; {} cores",
+            extra.trim_start_matches("; "),
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        ),
+    }
 }
 
 async fn remaining(pool: &PgPool) -> i64 {
@@ -566,6 +690,7 @@ async fn drain_system(
     if mode == "log" {
         create_slot(pool).await;
     }
+    let before = table_stats(pool).await;
     load_as(pool, rows, mode).await;
     let loaded = wal_lsn(pool).await;
     let topic = unique_topic(mode);
@@ -585,11 +710,20 @@ async fn drain_system(
     let (cpu, rss) = system.stats();
     system.stop();
     let in_kafka = kafka_count(&o.brokers, &topic).await;
-    let extra = if in_kafka == rows as i64 {
+    // The relay's backends have ended and flushed their statistics.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let after = table_stats(pool).await;
+    let mut extra = if in_kafka == rows as i64 {
         format!("; verified {in_kafka} messages in Kafka; time from spawn (start-up included) to empty outbox")
     } else {
         format!("; WARNING: {in_kafka} messages in Kafka for {rows} rows (duplicates after a retry, or lost)")
     };
+    extra += &format!(
+        "; outbox table during the run: {} inserts, {} deletes, {} dead tuples after it (pg_stat_user_tables)",
+        after.0 - before.0,
+        after.1 - before.1,
+        after.2
+    );
     Record {
         system: "outbox-rs",
         mode: mode.into(),
@@ -1302,6 +1436,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             if let Err(e) = observe(&o, &pool, &db_url).await {
                 eprintln!("bench: observe: {e}");
                 emit("observe".to_owned(), None);
+            }
+        } else if w == "produce" {
+            for variant in ["insert", "table", "log"] {
+                let what = format!("{variant} produce");
+                let r = attempt(&what, || {
+                    let (o, pool) = (o.clone(), pool.clone());
+                    let db_url = db_url.clone();
+                    async move { produce(&o, &pool, &db_url, variant).await }
+                })
+                .await;
+                emit(what, r);
             }
         } else if w == "drain" {
             for &b in &o.batches {

@@ -175,6 +175,8 @@ fn by_key(got: &[OwnedMessage]) -> HashMap<Vec<u8>, Vec<i64>> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn committed_messages_arrive_in_commit_order_and_a_rollback_sends_nothing() {
+    // The count: 100,000 messages, each read back from the topic.
+    const N: i64 = 100_000;
     let db = migrated("warn").await;
     let topic = unique_topic("log-order");
     create_topic(&topic, 3).await;
@@ -187,17 +189,21 @@ async fn committed_messages_arrive_in_commit_order_and_a_rollback_sends_nothing(
         .await
         .unwrap();
     tx.rollback().await.unwrap();
-    let ids = publish_log(&db.pool, &topic, 0, 2000, 20, 8).await;
+    let ids = publish_log(&db.pool, &topic, 0, N, 100, 8).await;
 
     assert_eq!(
-        consume_all(&topic, 2000, Duration::from_secs(60))
+        consume_all(&topic, N as usize, Duration::from_secs(120))
             .await
             .len(),
-        2000
+        N as usize
     );
     wait_confirmed(&db, Duration::from_secs(60)).await;
-    let got = consume_all(&topic, 2001, Duration::from_secs(3)).await;
-    assert_eq!(got.len(), 2000, "every committed message, and nothing else");
+    let got = consume_all(&topic, N as usize + 1, Duration::from_secs(3)).await;
+    assert_eq!(
+        got.len(),
+        N as usize,
+        "every committed message, and nothing else"
+    );
     assert!(
         got.iter().all(|m| number(m) >= 0),
         "the rolled-back message was sent"
