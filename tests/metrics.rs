@@ -269,6 +269,14 @@ async fn a_running_app_exports_what_it_does() {
             .unwrap();
     }
 
+    // The m_ok rows were created 30 s before they are handled.
+    sqlx::query(
+        "UPDATE outbox SET created_at = now() - interval '30 seconds' WHERE queue = 'm_ok'",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
     let running = app.start().await.unwrap();
     let addr = running.metrics_addr().expect("metrics are on");
     assert_ne!(addr.port(), 0);
@@ -305,6 +313,13 @@ async fn a_running_app_exports_what_it_does() {
             1.0,
         ),
         ("outbox_handler_seconds_count", &[("queue", "m_ok")], 3.0),
+        // Once per message delivered, not per attempt.
+        ("outbox_end_to_end_seconds_count", &[("queue", "m_ok")], 3.0),
+        (
+            "outbox_end_to_end_seconds_count",
+            &[("queue", "m_flaky")],
+            2.0,
+        ),
         ("outbox_handler_seconds_count", &[("queue", "m_flaky")], 4.0),
         ("outbox_in_flight", &[("subscriber", "m_ok_handler")], 0.0),
         (
@@ -367,6 +382,25 @@ async fn a_running_app_exports_what_it_does() {
     )
     .unwrap();
     assert!(published >= 1.0, "one publish per batch: {published}");
+    let end_to_end = value(
+        &samples,
+        "outbox_end_to_end_seconds_sum",
+        &[("queue", "m_ok")],
+    )
+    .unwrap();
+    assert!(
+        (90.0..200.0).contains(&end_to_end),
+        "three messages created 30 s before their delivery: {end_to_end} s in all"
+    );
+    assert_eq!(
+        value(
+            &samples,
+            "outbox_end_to_end_seconds_count",
+            &[("queue", "m_unsent")]
+        ),
+        None,
+        "a message whose publish was refused was not delivered"
+    );
     let publish_time = value(&samples, "outbox_publish_seconds_sum", &[("sink", "fake")]).unwrap();
     assert!(publish_time >= 0.005 * published, "{publish_time}");
     assert!(

@@ -70,6 +70,12 @@ pub const WORKER_PANICS_TOTAL: &str = "outbox_worker_panics_total";
 pub const HANDLER_SECONDS: &str = "outbox_handler_seconds";
 /// Histogram: time to publish one batch to a broker in seconds, by `sink`.
 pub const PUBLISH_SECONDS: &str = "outbox_publish_seconds";
+/// Histogram: seconds from a message's creation to the end of its delivery,
+/// by `queue`: from its `created_at` (the time of its producer's transaction;
+/// in log mode, its commit) to the broker's ack of its last publish, or to
+/// the end of its handler when it publishes nothing. Retries are inside it:
+/// this is the latency a consumer sees.
+pub const END_TO_END_SECONDS: &str = "outbox_end_to_end_seconds";
 /// Gauge: rows claimed and not yet settled, by `subscriber`.
 pub const IN_FLIGHT: &str = "outbox_in_flight";
 /// Gauge: rows waiting (due or delayed, not leased), by `queue`.
@@ -351,19 +357,38 @@ pub(crate) fn count_by_queue_reason<'a>(
 /// Records each handler duration in the histogram of its queue, looking the
 /// histogram up once per queue.
 pub(crate) fn record_handler_times<'a>(times: impl IntoIterator<Item = (&'a str, Duration)>) {
+    record_by_queue(
+        HANDLER_SECONDS,
+        times.into_iter().map(|(q, took)| (q, took.as_secs_f64())),
+    );
+}
+
+/// Records [`END_TO_END_SECONDS`] of messages done now, given their queues
+/// and `created_at` (epoch ms). A clock behind the producer's counts as 0.
+pub(crate) fn record_end_to_end<'a>(done: impl IntoIterator<Item = (&'a str, i64)>) {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
+    record_by_queue(
+        END_TO_END_SECONDS,
+        done.into_iter()
+            .map(|(q, created)| (q, now_ms.saturating_sub(created).max(0) as f64 / 1000.0)),
+    );
+}
+
+/// Records values into histogram `name` by queue, with one label look-up
+/// per distinct queue.
+fn record_by_queue<'a>(name: &'static str, values: impl IntoIterator<Item = (&'a str, f64)>) {
     let mut hists: Vec<(&str, metrics::Histogram)> = Vec::new();
-    for (q, took) in times {
+    for (q, v) in values {
         let h = match hists.iter().position(|(k, _)| *k == q) {
             Some(i) => &hists[i].1,
             None => {
-                hists.push((
-                    q,
-                    metrics::histogram!(HANDLER_SECONDS, "queue" => q.to_owned()),
-                ));
+                hists.push((q, metrics::histogram!(name, "queue" => q.to_owned())));
                 &hists[hists.len() - 1].1
             }
         };
-        h.record(took.as_secs_f64());
+        h.record(v);
     }
 }
 

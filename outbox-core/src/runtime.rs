@@ -585,6 +585,7 @@ impl SubRuntime {
         let mut terminal = Vec::new();
         let mut release = Vec::new();
         let mut acked_queues = Vec::new();
+        let mut done = Vec::new();
         let mut retried_queues = Vec::new();
         let mut failed = Vec::new();
         for (row, fate) in rows.iter().zip(fates) {
@@ -596,6 +597,7 @@ impl SubRuntime {
                     }
                     acks.push((row.position, env.id));
                     acked_queues.push(env.queue.as_str());
+                    done.push((env.queue.as_str(), env.created_at_ms));
                 }
                 Fate::Release => release.push(env.id),
                 Fate::Fail(reason, error) => {
@@ -647,6 +649,7 @@ impl SubRuntime {
             }
         }
         m::count_by_queue(m::HANDLED_TOTAL, acked_queues);
+        m::record_end_to_end(done);
         m::count_by_queue(m::RETRIED_TOTAL, retried_queues);
         m::count_by_queue_reason(
             m::REJECTED_TOTAL,

@@ -1731,11 +1731,11 @@ impl<'a> Run<'a> {
         let mut verdicts = verdicts.into_iter();
         let mut moves: Vec<Move> = Vec::new();
         let mut dead: Vec<(&Envelope, FailureReason, String, u32)> = Vec::new();
-        let mut sent: Vec<&str> = Vec::new();
+        let mut sent: Vec<&Envelope> = Vec::new();
         for item in &items {
             match &item.action {
                 Action::Send => match verdicts.next() {
-                    Some(Verdict::Done) => sent.push(&item.env.queue),
+                    Some(Verdict::Done) => sent.push(&item.env),
                     Some(Verdict::Fail(reason, why)) => dead.push((&item.env, reason, why, 1)),
                     Some(Verdict::Retry { error, delay, .. }) => {
                         moves.push((&item.env, 1, Some(delay), Some(error), "failed"))
@@ -1754,7 +1754,8 @@ impl<'a> Run<'a> {
                 Action::DeadLetter(reason, why) => dead.push((&item.env, *reason, why.clone(), 0)),
             }
         }
-        crate::metrics::count_by_queue(SENT_TOTAL, sent);
+        crate::metrics::count_by_queue(SENT_TOTAL, sent.iter().map(|e| e.queue.as_str()));
+        crate::metrics::record_end_to_end(sent.iter().map(|e| (e.queue.as_str(), e.created_at_ms)));
         // Dead letters first: the moves record the batch as settled.
         if !dead.is_empty() {
             self.write_dead(&dead).await?;

@@ -596,6 +596,30 @@ async fn the_heartbeat_advances_an_idle_slot_past_wal_written_elsewhere() {
     db.drop_db().await;
 }
 
+/// The body of `GET /metrics` on a relay's metrics port.
+async fn scrape(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("the metrics port answers");
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut body))
+        .await
+        .expect("the metrics within 10 s")
+        .unwrap();
+    body
+}
+
+/// The value of the series written exactly as `series` (name and labels).
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
 fn binary_vars(db: &TestDb) -> Vec<(&'static str, String)> {
     vec![
         ("DATABASE_URL", db.url.clone()),
@@ -621,7 +645,16 @@ async fn a_second_relay_stands_by_and_takes_over_when_the_first_is_killed() {
     let vars = binary_vars(&db);
     let mut first = start_binary(&vars);
     wait_streaming(&db).await;
-    let mut second = start_binary(&vars);
+    // The second one serves its metrics.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut second_vars = vars.clone();
+    second_vars.retain(|(k, _)| *k != "METRICS_ADDR");
+    second_vars.push(("METRICS_ADDR", format!("127.0.0.1:{port}")));
+    let mut second = start_binary(&second_vars);
     assert!(
         second.wait_for_log(Duration::from_secs(30), |l| l.contains("standing by")),
         "the second relay says it stands by:\n{}",
@@ -659,6 +692,22 @@ async fn a_second_relay_stands_by_and_takes_over_when_the_first_is_killed() {
         "the standby keeps running:\n{}",
         second.log()
     );
+    // What it sent shows in its metrics: the capture counters, the
+    // end-to-end latency of each message it delivered, the slot's lag.
+    let metrics = scrape(port).await;
+    for series in [
+        format!("outbox_capture_read_total{{queue=\"{topic}\"}}"),
+        format!("outbox_capture_sent_total{{queue=\"{topic}\"}}"),
+        format!("outbox_end_to_end_seconds_count{{queue=\"{topic}\"}}"),
+    ] {
+        let n = sample(&metrics, &series).unwrap_or_else(|| panic!("no {series} in:\n{metrics}"));
+        assert!(
+            n >= 100.0,
+            "{series} = {n}: the 100 messages after the takeover"
+        );
+    }
+    let lag = format!("outbox_capture_slot_lag_bytes{{slot=\"{}\"}}", slot_of(&db));
+    assert!(sample(&metrics, &lag).is_some(), "no {lag} in:\n{metrics}");
     second.kill9();
     db.drop_db().await;
 }
