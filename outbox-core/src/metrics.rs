@@ -76,6 +76,10 @@ pub const PUBLISH_SECONDS: &str = "outbox_publish_seconds";
 /// the end of its handler when it publishes nothing. Retries are inside it:
 /// this is the latency a consumer sees.
 pub const END_TO_END_SECONDS: &str = "outbox_end_to_end_seconds";
+/// Gauge: 1 when every readiness check of the metrics endpoint passes (what
+/// `/readyz` answers 200 for), 0 otherwise; evaluated every 5 s and on each
+/// `/readyz` request.
+pub const READY: &str = "outbox_ready";
 /// Gauge: rows claimed and not yet settled, by `subscriber`.
 pub const IN_FLIGHT: &str = "outbox_in_flight";
 /// Gauge: rows waiting (due or delayed, not leased), by `queue`.
@@ -145,6 +149,22 @@ pub fn describe() {
         Unit::Count,
         "Messages waiting in the Kafka producer's queue"
     );
+    describe_histogram!(
+        END_TO_END_SECONDS,
+        Unit::Seconds,
+        "From a message's creation to the end of its delivery (broker ack, or handler end)"
+    );
+    describe_gauge!(
+        READY,
+        "1 when every readiness check passes (/readyz answers 200), 0 otherwise"
+    );
+    describe_counter!(
+        WORKER_PANICS_TOTAL,
+        Unit::Count,
+        "Worker steps that panicked outside the handlers"
+    );
+    #[cfg(feature = "capture")]
+    crate::stream::describe();
 }
 
 /// Sets the `outbox_kafka_queue_depth` gauge (for the Kafka broker: call it
@@ -638,6 +658,16 @@ mod endpoint {
     }
 
     async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
+        // Readiness as a gauge too, for alerts; ends with this loop (the
+        // set aborts its tasks when dropped).
+        let mut side = tokio::task::JoinSet::new();
+        let checks = shared.clone();
+        side.spawn(async move {
+            loop {
+                readiness(&checks.checks).await;
+                tokio::time::sleep(READY_SAMPLE_INTERVAL).await;
+            }
+        });
         let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         let mut upkeep = tokio::time::interval(Duration::from_secs(5));
         let mut backoff = Duration::from_millis(10);
@@ -744,7 +774,10 @@ mod endpoint {
         let _ = stream.shutdown().await;
     }
 
-    /// Runs every check at once; one line per check.
+    /// How often [`super::READY`] is evaluated besides each `/readyz`.
+    const READY_SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
+
+    /// Runs every check at once; one line per check. Sets [`super::READY`].
     async fn readiness(checks: &[(String, Check)]) -> (bool, String) {
         let results = futures::future::join_all(checks.iter().map(|(name, check)| async move {
             let r = match tokio::time::timeout(CHECK_TIMEOUT, check()).await {
@@ -765,6 +798,7 @@ mod endpoint {
                 }
             }
         }
+        metrics::gauge!(super::READY).set(if ready { 1.0 } else { 0.0 });
         let verdict = if ready { "ready\n" } else { "not ready\n" };
         (ready, format!("{verdict}{body}"))
     }

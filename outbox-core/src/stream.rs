@@ -71,6 +71,53 @@ pub const SLOT_LAG_BYTES: &str = "outbox_capture_slot_lag_bytes";
 /// by `slot`.
 pub const UNCONFIRMED_AGE_SECONDS: &str = "outbox_capture_unconfirmed_age_seconds";
 
+/// Describes the log stream's metrics to the installed recorder.
+pub(crate) fn describe() {
+    use metrics::{describe_counter, describe_gauge, Unit};
+    describe_counter!(READ_TOTAL, Unit::Count, "Log messages read from the slot");
+    describe_counter!(SENT_TOTAL, Unit::Count, "Log messages acked by the broker");
+    describe_counter!(
+        MOVED_TOTAL,
+        Unit::Count,
+        "Log messages moved into the outbox table"
+    );
+    describe_counter!(
+        DEAD_LETTERED_TOTAL,
+        Unit::Count,
+        "Log messages dead-lettered straight from the stream"
+    );
+    describe_gauge!(
+        SLOT_LAG_BYTES,
+        Unit::Bytes,
+        "WAL the replication slot holds back"
+    );
+    describe_gauge!(
+        UNCONFIRMED_AGE_SECONDS,
+        Unit::Seconds,
+        "Age of the oldest transaction read and not yet confirmed"
+    );
+}
+
+/// The `reason`s of [`MOVED_TOTAL`].
+const MOVED_REASONS: [&str; 4] = ["failed", "key_held", "deferred", "contained"];
+
+/// Creates the stream's counters of `queue` at zero, when the stream first
+/// reads one of its messages: `increase(...)` then sees the first failure
+/// too, instead of a series that begins with it.
+fn zero_counters(queue: &str) {
+    for name in [READ_TOTAL, SENT_TOTAL] {
+        metrics::counter!(name, "queue" => queue.to_owned()).increment(0);
+    }
+    for reason in MOVED_REASONS {
+        metrics::counter!(MOVED_TOTAL, "queue" => queue.to_owned(), "reason" => reason)
+            .increment(0);
+    }
+    for reason in FailureReason::ALL {
+        metrics::counter!(DEAD_LETTERED_TOTAL, "queue" => queue.to_owned(), "reason" => reason.as_str())
+            .increment(0);
+    }
+}
+
 /// How many times a batch whose every message failed transiently is sent
 /// again (after 1, 2, 4 s) before its messages are moved into the table.
 pub const PAUSE_TRIES: u32 = 3;
@@ -153,6 +200,23 @@ const SLOTS_TABLE: &str = "CREATE TABLE IF NOT EXISTS outbox_slots (
 const SLOTS_COLUMNS: &str = "ALTER TABLE outbox_slots ADD COLUMN IF NOT EXISTS reader uuid, \
      ADD COLUMN IF NOT EXISTS settled_lsn pg_lsn";
 
+/// Creates `outbox_slots`, or adds the columns it lacks, only when needed:
+/// DDL on every start would put a catalog change into the WAL that every
+/// new session of the slot then decodes.
+async fn ensure_slots_table(pool: &PgPool) -> Result<(), Error> {
+    let columns: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass('outbox_slots') \
+         AND attname IN ('reader', 'settled_lsn') AND NOT attisdropped",
+    )
+    .fetch_one(pool)
+    .await?;
+    if columns < 2 {
+        sqlx::query(SLOTS_TABLE).execute(pool).await?;
+        sqlx::query(SLOTS_COLUMNS).execute(pool).await?;
+    }
+    Ok(())
+}
+
 /// The status of slot `slot` in the pool's database.
 pub async fn slot_status(pool: &PgPool, slot: &str) -> Result<SlotStatus, Error> {
     use sqlx::Row;
@@ -217,7 +281,7 @@ pub async fn create_slot(
     validate_slot_name("slot", slot)?;
     validate_slot_name("publication", publication)?;
     ensure_publication(pool, publication).await?;
-    sqlx::query(SLOTS_TABLE).execute(pool).await?;
+    ensure_slots_table(pool).await?;
     let lsn: String = sqlx::query_scalar(
         "SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')",
     )
@@ -229,7 +293,7 @@ pub async fn create_slot(
         "INSERT INTO outbox_slots (slot_name, publication, outbox_table, created_lsn) \
          VALUES ($1, $2, $3, $4::pg_lsn) ON CONFLICT (slot_name) DO UPDATE SET \
          publication = excluded.publication, outbox_table = excluded.outbox_table, \
-         created_at = now(), created_lsn = excluded.created_lsn",
+         created_at = now(), created_lsn = excluded.created_lsn, reader = NULL, settled_lsn = NULL",
     )
     .bind(slot)
     .bind(publication)
@@ -592,7 +656,7 @@ impl LogStream {
                 route,
                 retry: Arc::new(crate::ExponentialRetry::default()),
             },
-            contain: true,
+            contain: false,
         }
     }
 
@@ -681,7 +745,9 @@ impl LogStream {
                 .as_deref()
                 .and_then(|s| Lsn::parse(s).ok())
                 .unwrap_or(Lsn(0));
-            confirmed = confirmed.max(server);
+            // Moves record how far they let the stream confirm, in case the
+            // confirmation did not reach the server (see `write_moves`).
+            confirmed = confirmed.max(server).max(self.settled_at().await?);
             let cfg = base
                 .clone()
                 .with_start_lsn(confirmed)
@@ -699,11 +765,11 @@ impl LogStream {
             } else {
                 None
             };
+            tracing::debug!(slot = %self.s.slot, start = %confirmed, "streaming from");
             let mut client = ReplicationClient::connect(cfg)
                 .await
                 .map_err(|e| Error::Capture(format!("cannot start streaming: {e}")))?;
             let mut run = Run::new(&self, target.clone(), confirmed);
-            run.settled = self.settled_at().await?;
             if let Some(until) = contain {
                 tracing::warn!(slot = %self.s.slot, from = %confirmed, until = %until, "the slot's last reader did not stop cleanly: the messages it may have had in flight are moved into the table, where a message that crashes its handler every time is contained");
                 run.contain = (2 * self.s.max_in_flight, until);
@@ -801,6 +867,14 @@ impl LogStream {
     async fn prepare_slot(&self) -> Result<Lsn, Error> {
         let status = slot_status(&self.pool, &self.s.slot).await?;
         check_other_database(&status)?;
+        if let Some(t) = &self.s.table {
+            // Before the slot is created: a slot decodes the publication's
+            // tables reliably only when they were in it before the slot's
+            // consistent point (added later, the first inserts were seen
+            // skipped now and then under load).
+            ensure_publication(&self.pool, &self.s.publication).await?;
+            t.add_to(&self.pool, &self.s.publication).await?;
+        }
         if !status.exists && !status.recorded {
             if !self.s.create {
                 return Err(Error::Capture(format!(
@@ -817,13 +891,7 @@ impl LogStream {
         } else {
             ensure_publication(&self.pool, &self.s.publication).await?;
         }
-        sqlx::query(SLOTS_TABLE).execute(&self.pool).await?;
-        sqlx::query(SLOTS_COLUMNS).execute(&self.pool).await?;
-        if let Some(t) = &self.s.table {
-            // Before the slot's first use: an insert is published only if
-            // the table was in the publication when it was written.
-            t.add_to(&self.pool, &self.s.publication).await?;
-        }
+        ensure_slots_table(&self.pool).await?;
         let status = slot_status(&self.pool, &self.s.slot).await?;
         check_slot(&status)?;
         Ok(status
@@ -1352,7 +1420,6 @@ enum Action {
 
 struct Item {
     txn: u64,
-    lsn: Lsn,
     env: Arc<Envelope>,
     action: Action,
 }
@@ -1406,8 +1473,8 @@ struct Run<'a> {
     /// Messages still to move into the table untried, and the position
     /// past which none is (see [`LogStream::run`]).
     contain: (usize, Lsn),
-    /// Where an earlier session recorded its messages settled.
-    settled: Lsn,
+    /// Queues whose counters exist (see [`zero_counters`]).
+    seen: std::collections::HashSet<String>,
 }
 
 impl<'a> Run<'a> {
@@ -1429,7 +1496,7 @@ impl<'a> Run<'a> {
             last_event: Instant::now(),
             relations: Default::default(),
             contain: (0, Lsn(0)),
-            settled: Lsn(0),
+            seen: Default::default(),
         }
     }
 
@@ -1664,6 +1731,7 @@ impl<'a> Run<'a> {
             && self.batch.is_empty()
             && lsn > self.confirmed
         {
+            tracing::debug!(slot = %self.s.slot, from = %self.confirmed, to = %lsn, "nothing in flight: confirmed up to the server's position");
             self.confirmed = lsn;
         }
     }
@@ -1672,10 +1740,6 @@ impl<'a> Run<'a> {
     /// for good (dead-lettered as `rejected` with the reason), moved after
     /// its held key, or sent.
     fn push(&mut self, txn: u64, env: Envelope, refused: Option<String>, held: &Held, lsn: Lsn) {
-        if lsn <= self.settled {
-            // Settled by an earlier session (see `write_moves`).
-            return;
-        }
         let action = match refused {
             Some(why) => Action::DeadLetter(FailureReason::Rejected, why),
             None if self.contain.0 > 0 && lsn <= self.contain.1 => {
@@ -1691,7 +1755,6 @@ impl<'a> Run<'a> {
         self.in_flight += 1;
         self.batch.push(Item {
             txn,
-            lsn,
             env: Arc::new(env),
             action,
         });
@@ -1703,6 +1766,12 @@ impl<'a> Run<'a> {
             return;
         }
         let items = std::mem::take(&mut self.batch);
+        for item in &items {
+            if !self.seen.contains(&item.env.queue) {
+                zero_counters(&item.env.queue);
+                self.seen.insert(item.env.queue.clone());
+            }
+        }
         crate::metrics::count_by_queue(
             READ_TOTAL,
             items
@@ -1764,8 +1833,14 @@ impl<'a> Run<'a> {
                 metrics::counter!(DEAD_LETTERED_TOTAL, "queue" => env.queue.clone(), "reason" => reason.as_str()).increment(1);
             }
         }
+        for item in &items {
+            if let Some(t) = txn_mut(&mut self.txns, item.txn) {
+                t.pending -= 1;
+            }
+        }
         if !moves.is_empty() {
-            let upto = items.iter().map(|i| i.lsn).max().unwrap_or(Lsn(0));
+            // What this batch lets the stream confirm, recorded with the moves.
+            let upto = self.confirmable();
             self.write_moves(&moves, upto).await?;
             let now = Instant::now();
             for (env, _, _, _, reason) in &moves {
@@ -1776,14 +1851,21 @@ impl<'a> Run<'a> {
                     .increment(1);
             }
         }
-        for item in &items {
-            if let Some(t) = txn_mut(&mut self.txns, item.txn) {
-                t.pending -= 1;
-            }
-        }
         self.in_flight -= items.len();
         self.advance();
         Ok(())
+    }
+
+    /// The position [`Run::advance`] would confirm now.
+    fn confirmable(&self) -> Lsn {
+        let mut at = self.confirmed;
+        for t in &self.txns {
+            match t.end {
+                Some(end) if t.pending == 0 => at = at.max(end),
+                _ => break,
+            }
+        }
+        at
     }
 
     /// Confirms every leading transaction whose messages are all settled.
@@ -1804,11 +1886,11 @@ impl<'a> Run<'a> {
     /// Moves messages into the outbox table, keeping their ids (a message
     /// already there from an earlier run is left as it is).
     ///
-    /// In the same statement, records `upto` (the batch's last position) as
-    /// settled in `outbox_slots`: a later session that reads the batch
-    /// again (its confirmation had not reached the server) skips it, rather
-    /// than moving again a message the table workers may have handled and
-    /// deleted meanwhile.
+    /// In the same statement, records `upto` (the position the stream can
+    /// confirm once this batch is settled) in `outbox_slots.settled_lsn`: a
+    /// later session starts from there even when the confirmation had not
+    /// reached the server, rather than moving again a message the table
+    /// workers may have handled and deleted meanwhile.
     async fn write_moves(&self, moves: &[Move<'_>], upto: Lsn) -> Result<(), StreamEnd> {
         let sql = crate::sql::move_from_log(self.tables);
         let upto = upto.to_string();

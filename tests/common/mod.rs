@@ -295,21 +295,43 @@ pub async fn create_topic(name: &str, partitions: i32) {
     .expect("metadata wait panicked");
 }
 
-/// Reads `topic` from the beginning with a new consumer group until `expected`
-/// messages arrived or `timeout` passed, and returns what arrived (the caller asserts
-/// the count). Consumer errors before the deadline (the group still forming, say)
-/// are retried.
+/// Reads every partition of `topic` from the beginning until `expected`
+/// messages arrived or `timeout` passed, and returns what arrived (the caller
+/// asserts the count). The partitions are assigned, not subscribed: no
+/// consumer group forms, so a busy group coordinator cannot hold the read
+/// back. Consumer errors before the deadline are retried.
 pub async fn consume_all(topic: &str, expected: usize, timeout: Duration) -> Vec<OwnedMessage> {
+    use rdkafka::{Offset, TopicPartitionList};
     let consumer: StreamConsumer = kafka_config()
         .set("group.id", unique_topic("outbox-test-group"))
-        .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .set("allow.auto.create.topics", "false")
         .create()
         .expect("cannot create a Kafka consumer");
+    let name = topic.to_owned();
+    let partitions = tokio::task::spawn_blocking(move || {
+        let meta_client: rdkafka::consumer::BaseConsumer = kafka_config()
+            .create()
+            .expect("cannot create a Kafka metadata client");
+        let meta = meta_client
+            .fetch_metadata(Some(&name), Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("no metadata for {name}: {e}"));
+        meta.topics()
+            .iter()
+            .find(|t| t.name() == name)
+            .map_or(0, |t| t.partitions().len())
+    })
+    .await
+    .expect("metadata task");
+    assert!(partitions > 0, "topic {topic} has no partitions");
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p as i32, Offset::Beginning)
+            .expect("partition");
+    }
     consumer
-        .subscribe(&[topic])
-        .unwrap_or_else(|e| panic!("cannot subscribe to {topic}: {e}"));
+        .assign(&tpl)
+        .unwrap_or_else(|e| panic!("cannot assign {topic}: {e}"));
 
     let deadline = tokio::time::Instant::now() + timeout;
     let mut messages = Vec::with_capacity(expected);
@@ -323,7 +345,6 @@ pub async fn consume_all(topic: &str, expected: usize, timeout: Duration) -> Vec
             }
         }
     }
-    consumer.unsubscribe();
     messages
 }
 
