@@ -1308,6 +1308,21 @@ async fn a_parked_timer_does_not_swallow_a_later_timer_of_its_id() {
         || async { seen.lock().unwrap().contains(&ignored) },
     )
     .await;
+    // Its handler ran; its row goes once it is acked. Until then a timer of
+    // the same id is in flight, and `Replace` leaves a timer in flight alone.
+    eventually(
+        "the second timer acked",
+        Duration::from_secs(10),
+        || async {
+            count(
+                pool,
+                &format!("select count(*) from outbox where id = {ignored}"),
+            )
+            .await
+                == 0
+        },
+    )
+    .await;
     let replaced = Message::json("timers", &"third")
         .unwrap()
         .timer_id("daily", OnConflict::Replace)
