@@ -927,15 +927,20 @@ impl SubRuntime {
             let (mut fates, outgoing) = self.decide(&rows, handled);
             let handled_ok: Vec<bool> = fates.iter().map(|f| matches!(f, Fate::Ack(_))).collect();
             self.publish(outgoing, &mut fates).await;
+            let mut done = Vec::new();
             for ((&i, fate), broker) in round.iter().zip(fates).zip(handled_ok) {
                 let v = self.log_verdict(&envs[i], fate, broker);
-                if self.sub.ordered && !matches!(v, Verdict::Done) {
+                if matches!(v, Verdict::Done) {
+                    done.push(envs[i].queue.as_str());
+                } else if self.sub.ordered {
                     if let Some(k) = envs[i].key.as_deref() {
                         failed_keys.insert(k);
                     }
                 }
                 verdicts[i] = Some(v);
             }
+            // Counted once per round, not per message.
+            m::count_by_queue(m::HANDLED_TOTAL, done);
         }
         verdicts
             .into_iter()
@@ -954,7 +959,6 @@ impl SubRuntime {
                 if let Some(took) = took {
                     tracing::debug!(queue = %q, id = env.id, "{q} | processed in {} ms", took.as_millis());
                 }
-                m::count_by_queue(m::HANDLED_TOTAL, [q]);
                 Verdict::Done
             }
             Fate::Retry(err, forced) => {
