@@ -105,7 +105,7 @@ async fn migrate_creates_the_tables_and_is_idempotent() {
     ok(&r);
     assert!(
         r.out
-            .contains("migrated: outbox outbox at v5, dead letters outbox_dlq at v1"),
+            .contains("migrated: outbox outbox at v6, dead letters outbox_dlq at v1"),
         "{}",
         r.out
     );

@@ -179,7 +179,9 @@ impl App {
     /// The slot is the app's own: every reader of the log (an app, a relay)
     /// reads every message, so give each one its own outbox or run one
     /// reader. A slot that is lost stops the app with [`Error::Capture`]
-    /// ([`App::run`] returns it). See the book's Log capture chapter.
+    /// ([`App::run`] returns it). The slot exists once [`App::start`]
+    /// returned (it is created then when missing): a log-mode publish is
+    /// refused while no slot can read it. See the book's Log capture chapter.
     ///
     /// ```no_run
     /// # async fn f(pool: sqlx::PgPool) -> Result<(), outbox::Error> {
@@ -439,6 +441,9 @@ impl App {
                     self.tables.clone(),
                     target,
                 );
+                // The slot exists once `start` returns: a log-mode publish
+                // is refused while no slot can read it.
+                stream.prepare_slot().await?;
                 let mut stop = stop_rx.clone();
                 let health = health.clone();
                 Some(tokio::spawn(async move {

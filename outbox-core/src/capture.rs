@@ -10,6 +10,12 @@
 //! the log (it has no "not before"): they are written to the outbox table as
 //! in table mode.
 //!
+//! A slot reads only what commits after its consistent point, so a message
+//! written before a slot of the outbox table exists (or while the first one
+//! is being created) would never be read: such a publish writes nothing and
+//! returns [`crate::Error::Capture`]. Create the slot first (the relay's or
+//! the app's first start, or `outbox slot create`).
+//!
 //! ```no_run
 //! # async fn f(pool: sqlx::PgPool) -> Result<(), outbox::Error> {
 //! use outbox::{Capture, Outbox, Tables};

@@ -314,14 +314,18 @@ impl Outbox {
         msg.validate()?;
         if self.capture == Capture::Log && msg.fits_the_log() {
             let body = msg.log_body();
-            let id: i64 = sqlx::query_scalar(&crate::sql::emit_one())
+            let id: Option<i64> = sqlx::query_scalar(&crate::sql::emit_one())
                 .bind(crate::capture::prefix(&self.tables))
                 .bind(body)
                 .bind(self.tables.outbox.quoted())
+                .bind(self.tables.outbox.to_string())
                 .persistent(true)
-                .fetch_one(executor)
+                .fetch_optional(executor)
                 .await?;
-            return Ok(Some(id));
+            return match id {
+                Some(id) => Ok(Some(id)),
+                None => Err(self.no_slot()),
+            };
         }
         let headers = serde_json::to_value(&msg.headers).map_err(Error::Serialize)?;
         let replace = matches!(msg.timer, Some((_, OnConflict::Replace)));
@@ -382,13 +386,31 @@ impl Outbox {
             msg.validate()?;
             bodies.push(msg.log_body());
         }
+        let n = bodies.len();
         let ids: Vec<i64> = sqlx::query_scalar(&crate::sql::emit_batch())
             .bind(crate::capture::prefix(&self.tables))
             .bind(bodies)
             .bind(self.tables.outbox.quoted())
+            .bind(self.tables.outbox.to_string())
             .fetch_all(executor)
             .await?;
+        if ids.len() != n {
+            return Err(self.no_slot());
+        }
         Ok(ids)
+    }
+
+    /// The refusal of a log-mode publish while no slot can read it: the
+    /// message would be in the WAL and never decoded.
+    fn no_slot(&self) -> Error {
+        Error::Capture(format!(
+            "no replication slot can read log-mode messages of outbox table {} yet (none is \
+             recorded for it in outbox_slots, or its first one is still being created), so \
+             this message would never be sent; nothing was written. Start the relay (CAPTURE=log) \
+             or the app with log capture once, or run `outbox slot create <slot>`, before \
+             publishing in log mode (Capture::Table works meanwhile)",
+            self.tables.outbox
+        ))
     }
 
     async fn publish_batch_to_table<'c, E>(

@@ -80,6 +80,11 @@ const OUTBOX_MIGRATIONS: &[Migration] = &[
         name: "parked timers release their timer ids",
         sql: outbox_v5,
     },
+    Migration {
+        version: 6,
+        name: "registry of log capture's replication slots",
+        sql: outbox_v6,
+    },
 ];
 
 const DLQ_MIGRATIONS: &[Migration] = &[Migration {
@@ -176,6 +181,30 @@ fn outbox_v5(t: &TableName) -> String {
         t.quoted()
     )
 }
+
+/// `outbox_slots`, the replication slots of log capture (one table for
+/// every outbox of the database; a slot records the outbox table it serves).
+/// A log-mode publish reads it, and refuses to write a message no slot can
+/// read, so it exists from the migration on rather than from the first
+/// slot's creation.
+fn outbox_v6(_: &TableName) -> String {
+    format!("{SLOTS_TABLE};\n{SLOTS_COLUMNS};")
+}
+
+/// The registry of log capture's slots (see [`outbox_v6`]).
+pub(crate) const SLOTS_TABLE: &str = "CREATE TABLE IF NOT EXISTS outbox_slots (
+    slot_name    text PRIMARY KEY,
+    publication  text NOT NULL,
+    outbox_table text NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    created_lsn  pg_lsn NOT NULL,
+    reader       uuid,
+    settled_lsn  pg_lsn)";
+
+/// Slots recorded before `reader` and `settled_lsn` existed get them.
+pub(crate) const SLOTS_COLUMNS: &str =
+    "ALTER TABLE outbox_slots ADD COLUMN IF NOT EXISTS reader uuid, \
+     ADD COLUMN IF NOT EXISTS settled_lsn pg_lsn";
 
 fn dlq_v1(t: &TableName) -> String {
     let d = t.quoted();

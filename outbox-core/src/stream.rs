@@ -187,19 +187,6 @@ pub struct SlotStatus {
     pub other_database: Option<String>,
 }
 
-const SLOTS_TABLE: &str = "CREATE TABLE IF NOT EXISTS outbox_slots (
-    slot_name    text PRIMARY KEY,
-    publication  text NOT NULL,
-    outbox_table text NOT NULL,
-    created_at   timestamptz NOT NULL DEFAULT now(),
-    created_lsn  pg_lsn NOT NULL,
-    reader       uuid,
-    settled_lsn  pg_lsn)";
-
-/// Slots recorded before `reader` and `settled_lsn` existed get them.
-const SLOTS_COLUMNS: &str = "ALTER TABLE outbox_slots ADD COLUMN IF NOT EXISTS reader uuid, \
-     ADD COLUMN IF NOT EXISTS settled_lsn pg_lsn";
-
 /// Creates `outbox_slots`, or adds the columns it lacks, only when needed:
 /// DDL on every start would put a catalog change into the WAL that every
 /// new session of the slot then decodes.
@@ -211,8 +198,12 @@ async fn ensure_slots_table(pool: &PgPool) -> Result<(), Error> {
     .fetch_one(pool)
     .await?;
     if columns < 2 {
-        sqlx::query(SLOTS_TABLE).execute(pool).await?;
-        sqlx::query(SLOTS_COLUMNS).execute(pool).await?;
+        sqlx::query(crate::schema::SLOTS_TABLE)
+            .execute(pool)
+            .await?;
+        sqlx::query(crate::schema::SLOTS_COLUMNS)
+            .execute(pool)
+            .await?;
     }
     Ok(())
 }
@@ -864,7 +855,7 @@ impl LogStream {
 
     /// Makes sure the publication and the slot exist (creating the slot only
     /// on a first start); returns the slot's confirmed position.
-    async fn prepare_slot(&self) -> Result<Lsn, Error> {
+    pub(crate) async fn prepare_slot(&self) -> Result<Lsn, Error> {
         let status = slot_status(&self.pool, &self.s.slot).await?;
         check_other_database(&status)?;
         if let Some(t) = &self.s.table {

@@ -72,32 +72,31 @@ async fn stop_relay(
         .expect("the relay stops without an error");
 }
 
-/// Waits until a reader streams the test's slot, and 3 s more.
-///
-/// The 3 s are a known issue's work-around, not a timing assumption about
-/// our code: on a busy cluster (this suite's parallel tests), messages
-/// committed within about a second after a session of a new slot started
-/// were sometimes never decoded by PostgreSQL, and the slot was confirmed
-/// past them (4 of about 40 runs of this file; the first 700 to 2,900
-/// messages of a test). See the book's Log capture chapter, "Known issue".
-/// Remove the sleep to reproduce it.
+/// Waits until a reader streams the test's slot. `active` alone is not
+/// enough: the backend creating a slot holds it active too, before its
+/// consistent point is known (`confirmed_flush_lsn` is NULL until then).
 async fn wait_streaming(db: &TestDb) {
     let pool = db.pool.clone();
     let slot = slot_of(db);
-    eventually("the relay streams its slot", Duration::from_secs(60), || {
-        let (pool, slot) = (pool.clone(), slot.clone());
-        async move {
-            sqlx::query_scalar::<_, bool>(
-                "SELECT EXISTS (SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active)",
-            )
-            .bind(slot)
-            .fetch_one(&pool)
-            .await
-            .unwrap_or(false)
-        }
-    })
+    eventually(
+        "the relay streams its slot",
+        Duration::from_secs(60),
+        || {
+            let (pool, slot) = (pool.clone(), slot.clone());
+            async move {
+                sqlx::query_scalar::<_, bool>(
+                    "SELECT EXISTS (SELECT 1 FROM pg_replication_slots r JOIN outbox_slots o \
+                 USING (slot_name) WHERE slot_name = $1 AND active \
+                 AND confirmed_flush_lsn IS NOT NULL)",
+                )
+                .bind(slot)
+                .fetch_one(&pool)
+                .await
+                .unwrap_or(false)
+            }
+        },
+    )
     .await;
-    tokio::time::sleep(Duration::from_secs(3)).await;
 }
 
 /// Waits until the slot is confirmed up to the WAL written so far: every
@@ -185,6 +184,81 @@ fn by_key(got: &[OwnedMessage]) -> HashMap<Vec<u8>, Vec<i64>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn committed_messages_arrive_in_commit_order_and_a_rollback_sends_nothing() {
     commit_order(2_000, 20).await;
+}
+
+/// A log message is read only by a slot whose consistent point comes
+/// before its commit. A slot's creation waits for the transactions running
+/// when it began, so a message committed meanwhile (or before any slot) is
+/// in the WAL and never decoded: such a publish must be refused, not lost.
+/// A transaction held open keeps the relay's first slot creation waiting
+/// while messages are published one per transaction; every publish that
+/// returned an id must arrive, and the refused ones say why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_publish_no_slot_can_read_yet_is_refused_and_nothing_published_is_lost() {
+    let db = migrated("warn").await;
+    let topic = unique_topic("log-first-slot");
+    create_topic(&topic, 1).await;
+    let ob = log_outbox();
+    // No slot at all: refused, one message or a batch, and nothing written.
+    let err = ob
+        .publish(&db.pool, &topic, &serde_json::json!({ "n": -1 }))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, outbox::Error::Capture(m) if m.contains("outbox slot create")),
+        "{err}"
+    );
+    let batch = vec![Message::json(&topic, &serde_json::json!({ "n": -2 })).unwrap()];
+    assert!(matches!(
+        ob.publish_batch(&db.pool, batch).await,
+        Err(outbox::Error::Capture(_))
+    ));
+
+    // A transaction with an xid, open while the relay creates its slot.
+    let mut blocker = db.pool.begin().await.unwrap();
+    sqlx::query("select txid_current()")
+        .execute(&mut *blocker)
+        .await
+        .unwrap();
+    let relay = spawn_relay(log_config(&db, &[]));
+    let (mut published, mut refused, mut n) = (Vec::new(), 0, 0);
+    let started = std::time::Instant::now();
+    let mut released = None;
+    while published.len() < 50 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the slot never became ready"
+        );
+        if released.is_none() && started.elapsed() > Duration::from_secs(2) {
+            blocker.rollback().await.unwrap();
+            released = Some(refused);
+            blocker = db.pool.begin().await.unwrap();
+        }
+        match ob
+            .publish(&db.pool, &topic, &serde_json::json!({ "n": n }))
+            .await
+        {
+            Ok(id) => published.push(id),
+            Err(outbox::Error::Capture(_)) => refused += 1,
+            Err(e) => panic!("{e}"),
+        }
+        n += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let got = consume_all(&topic, published.len(), Duration::from_secs(60)).await;
+    let sent: Vec<i64> = got.iter().map(outbox_id).collect();
+    assert_eq!(
+        sent, published,
+        "every message whose publish returned an id, once, in order \
+         ({refused} refused while no slot could read them)"
+    );
+    assert!(
+        released.is_some_and(|r| r > 10),
+        "publishes were refused while the slot waited for the open transaction: {released:?}"
+    );
+    blocker.rollback().await.unwrap();
+    stop_relay(relay).await;
+    db.drop_db().await;
 }
 
 /// The issue's count: 100,000 log-mode messages (1,000 transactions), each
