@@ -17,7 +17,7 @@
 //! # Ok(()) }
 //! ```
 
-use crate::{validate_queue, Capture, Error, Tables};
+use crate::{validate_queue, Capture, Error, Pooler, Tables};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -250,6 +250,7 @@ where
 pub struct Outbox {
     tables: Tables,
     capture: Capture,
+    pooler: Pooler,
 }
 
 impl Outbox {
@@ -258,7 +259,28 @@ impl Outbox {
         Self {
             tables,
             capture: Capture::Table,
+            pooler: Pooler::None,
         }
+    }
+
+    /// Sends the statements as `pooler` needs it. With
+    /// [`Pooler::Transaction`] (PgBouncer in transaction mode) they are not
+    /// prepared, and the executor must be a transaction (`&mut *tx`): a
+    /// statement sent outside a transaction block may be split by the pooler
+    /// across two server connections (see [`crate::pooler`]).
+    ///
+    /// ```
+    /// let ob = outbox::Outbox::default().pooler(outbox::Pooler::Transaction);
+    /// assert_eq!(ob.pooler_in_use(), outbox::Pooler::Transaction);
+    /// ```
+    pub fn pooler(mut self, pooler: Pooler) -> Self {
+        self.pooler = pooler;
+        self
+    }
+
+    /// The pooler the statements are sent for.
+    pub fn pooler_in_use(&self) -> Pooler {
+        self.pooler
     }
 
     /// Where messages are written: rows of the table (the default) or
@@ -318,7 +340,7 @@ impl Outbox {
                 .bind(crate::capture::prefix(&self.tables))
                 .bind(body)
                 .bind(self.tables.outbox.quoted())
-                .persistent(true)
+                .persistent(self.pooler.prepares())
                 .fetch_one(executor)
                 .await?;
             return Ok(Some(id));
@@ -336,7 +358,7 @@ impl Outbox {
             .bind(msg.at_epoch_us)
             .bind(msg.timer.as_ref().map(|(t, _)| t))
             .bind(self.tables.channel())
-            .persistent(true)
+            .persistent(self.pooler.prepares())
             .fetch_optional(executor)
             .await?;
         Ok(id)
@@ -386,6 +408,7 @@ impl Outbox {
             .bind(crate::capture::prefix(&self.tables))
             .bind(bodies)
             .bind(self.tables.outbox.quoted())
+            .persistent(self.pooler.prepares())
             .fetch_all(executor)
             .await?;
         Ok(ids)
@@ -435,6 +458,7 @@ impl Outbox {
             .bind(ats)
             .bind(timers)
             .bind(self.tables.channel())
+            .persistent(self.pooler.prepares())
             .fetch_all(executor)
             .await?;
         Ok(ids)
@@ -454,6 +478,7 @@ impl Outbox {
         let done = sqlx::query(&crate::sql::cancel_timer(&self.tables))
             .bind(queue)
             .bind(timer_id)
+            .persistent(self.pooler.prepares())
             .execute(executor)
             .await?;
         Ok(done.rows_affected() > 0)
