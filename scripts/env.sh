@@ -34,6 +34,18 @@ KAFKA_HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xms256m -Xmx512m}"
 # Seconds `scripts/services up` waits for the broker to answer a metadata request.
 KAFKA_START_TIMEOUT="${KAFKA_START_TIMEOUT:-90}"
 
-export OUTBOX_REPO DATABASE_URL KAFKA_BROKERS
+# PgBouncer in transaction mode in front of the same PostgreSQL (the tests in
+# tests/pgbouncer.rs connect through it; they are skipped when PGBOUNCER_URL is
+# empty). Any database of the server is reachable through it, with the same role.
+PGBOUNCER_HOST="${PGBOUNCER_HOST:-127.0.0.1}"
+PGBOUNCER_PORT="${PGBOUNCER_PORT:-6432}"
+PGBOUNCER_URL="${PGBOUNCER_URL-postgres://$PG_USER:$PG_PASSWORD@$PGBOUNCER_HOST:$PGBOUNCER_PORT/$PG_DATABASE}"
+# Configuration, user list, log file and pid file of the local PgBouncer (git-ignored).
+PGBOUNCER_CACHE_DIR="${PGBOUNCER_CACHE_DIR:-$OUTBOX_REPO/.cache/pgbouncer}"
+# Server connections per database and role (each test database is a pool of its own).
+PGBOUNCER_POOL_SIZE="${PGBOUNCER_POOL_SIZE:-10}"
+
+export OUTBOX_REPO DATABASE_URL KAFKA_BROKERS PGBOUNCER_URL
 export PG_HOST PG_PORT PG_USER PG_PASSWORD PG_DATABASE PG_MAX_CONNECTIONS PG_MAX_SLOTS
+export PGBOUNCER_HOST PGBOUNCER_PORT PGBOUNCER_CACHE_DIR PGBOUNCER_POOL_SIZE
 export KAFKA_HOST KAFKA_PORT KAFKA_CONTROLLER_PORT KAFKA_CACHE_DIR KAFKA_HEAP_OPTS KAFKA_START_TIMEOUT

@@ -4,7 +4,7 @@ use crate::claim::Claimer;
 use crate::handler::Extensions;
 use crate::runtime::SubRuntime;
 use crate::subscriber::Queues;
-use crate::{ConfigErrors, Error, Sink, Subscriber, TableName, Tables};
+use crate::{ConfigErrors, Error, Pooler, Sink, Subscriber, TableName, Tables};
 use sqlx::PgPool;
 use std::any::TypeId;
 use std::collections::{HashMap, HashSet};
@@ -35,6 +35,8 @@ pub struct App {
     sinks: HashMap<String, Arc<dyn Sink>>,
     state: Extensions,
     shutdown_timeout: Duration,
+    pooler: Pooler,
+    listen_url: Option<String>,
     #[cfg(feature = "prometheus")]
     metrics: Option<crate::metrics::Endpoint>,
     #[cfg(feature = "capture")]
@@ -73,6 +75,8 @@ impl App {
             sinks: HashMap::new(),
             state: Extensions::default(),
             shutdown_timeout: DEFAULT_SHUTDOWN_TIMEOUT,
+            pooler: Pooler::None,
+            listen_url: None,
             #[cfg(feature = "prometheus")]
             metrics: None,
             #[cfg(feature = "capture")]
@@ -136,6 +140,61 @@ impl App {
     pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
         self.shutdown_timeout = timeout;
         self
+    }
+
+    /// Sends the runtime's statements as `pooler` needs it: with
+    /// [`Pooler::Transaction`], for a pool connected through PgBouncer in
+    /// transaction mode, none is prepared and each runs in a transaction of
+    /// its own (see [`crate::pooler`]). LISTEN cannot go through such a
+    /// pooler: give [`App::listen_url`] a direct connection, or the workers
+    /// poll (between the subscribers' `poll_interval` bounds).
+    ///
+    /// ```no_run
+    /// # async fn f(pool: sqlx::PgPool) -> Result<(), outbox::Error> {
+    /// outbox::App::new(pool)
+    ///     .pooler(outbox::Pooler::Transaction)
+    ///     .listen_url("postgres://outbox:outbox@db-host:5432/outbox")
+    ///     .run_until_signal()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn pooler(mut self, pooler: Pooler) -> Self {
+        self.pooler = pooler;
+        self
+    }
+
+    /// Where the wake-up listener connects (LISTEN on the outbox's channel):
+    /// a `postgres://` URL of a direct connection to the server. By default
+    /// it connects as the pool does, which suits a direct pool; through a
+    /// pooler in transaction mode ([`App::pooler`]) the app does not listen
+    /// unless this is set. Checked when the app is built.
+    pub fn listen_url(mut self, url: impl Into<String>) -> Self {
+        self.listen_url = Some(url.into());
+        self
+    }
+
+    /// The connection the wake-up listener uses, if any.
+    fn listen_options(&self) -> Result<Option<sqlx::postgres::PgConnectOptions>, Error> {
+        match (&self.listen_url, self.pooler) {
+            (Some(url), _) => {
+                let accepted = "accepted is postgres://user:password@host:port/database \
+                     (or postgresql://), a direct connection to the server: LISTEN does not work \
+                     through a pooler in transaction mode";
+                let scheme = url.split_once("://").map(|(s, _)| s);
+                if !matches!(scheme, Some("postgres" | "postgresql")) {
+                    return Err(Error::invalid(format!(
+                        "App::listen_url is not a PostgreSQL URL; {accepted}"
+                    )));
+                }
+                url.parse().map(Some).map_err(|e| {
+                    Error::invalid(format!(
+                        "App::listen_url is not a PostgreSQL URL ({e}); {accepted}"
+                    ))
+                })
+            }
+            (None, Pooler::Transaction) => Ok(None),
+            (None, _) => Ok(Some((*self.pool.connect_options()).clone())),
+        }
     }
 
     /// Serves Prometheus metrics, `/healthz` and `/readyz` on `addr` while the
@@ -254,6 +313,9 @@ impl App {
                 "App::subscriber was given `{name}`, which is not a handler annotated with #[outbox::subscriber]; \
                  annotate it, or build an outbox::Subscriber and add it with App::register"
             ));
+        }
+        if let Err(err) = self.listen_options() {
+            e.push(err.to_string());
         }
         #[cfg(feature = "capture")]
         if let Some(c) = &self.log {
@@ -376,8 +438,12 @@ impl App {
             );
         }
         let (stop_tx, stop_rx) = watch::channel(false);
+        let listen = self.listen_options()?;
+        if listen.is_none() {
+            tracing::info!(pooler = %self.pooler, "no LISTEN through a pooler in transaction mode and no App::listen_url: the workers poll");
+        }
         let (waker, listener) =
-            crate::listen::spawn(self.pool.clone(), self.tables.channel(), stop_rx.clone());
+            crate::listen::spawn(listen, self.tables.channel(), stop_rx.clone());
         let state = Arc::new(self.state);
         let sinks = Arc::new(self.sinks);
         let mut tasks = JoinSet::new();
@@ -409,6 +475,7 @@ impl App {
                 Queues::Named(q) => Some(q.clone()),
             };
             let claimer = Claimer::build(self.pool.clone(), &self.tables, queues, s.ordered, dlq)
+                .with_pooler(self.pooler)
                 .with_batch_size(s.batch_size)
                 .with_batch_bytes(s.max_batch_bytes)
                 .with_lease_ttl(s.lease_ttl);
@@ -482,10 +549,13 @@ impl App {
             }
         }
         for t in tables {
-            let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-                .bind(t.quoted())
-                .fetch_one(&self.pool)
-                .await?;
+            use sqlx::Row;
+            let q = sqlx::query("SELECT to_regclass($1) IS NOT NULL").bind(t.quoted());
+            let rows = self.pooler.fetch_all(&self.pool, q).await?;
+            let exists: bool = match rows.first() {
+                Some(row) => row.try_get(0)?,
+                None => false,
+            };
             if !exists {
                 return Err(Error::invalid(format!(
                     "table {t} does not exist: run the migrations first (App::migrate, outbox::migrate, or `outbox migrate`)"

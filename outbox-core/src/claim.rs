@@ -14,15 +14,14 @@
 //! ```
 
 use crate::sql::{self, ClaimScope};
-use crate::{Envelope, Error, FailureReason, TableName, Tables};
+use crate::{Envelope, Error, FailureReason, Pooler, TableName, Tables};
 use sqlx::PgPool;
 use std::borrow::Cow;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
-/// A statement with its parameters bound.
-type Statement<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+use crate::pooler::Statement;
 
 /// A claimed batch: the lease token and the rows.
 #[derive(Debug)]
@@ -55,6 +54,12 @@ const TID_ARRAY_OID: sqlx::postgres::types::Oid = sqlx::postgres::types::Oid(101
 impl sqlx::Type<sqlx::Postgres> for RowPosition {
     fn type_info() -> sqlx::postgres::PgTypeInfo {
         sqlx::postgres::PgTypeInfo::with_oid(TID_OID)
+    }
+
+    /// A `tid`, or the same 6 bytes in a `bytea` (claims through a pooler in
+    /// transaction mode).
+    fn compatible(ty: &sqlx::postgres::PgTypeInfo) -> bool {
+        *ty == Self::type_info() || *ty == <Vec<u8> as sqlx::Type<sqlx::Postgres>>::type_info()
     }
 }
 
@@ -153,9 +158,13 @@ pub struct Retry {
 #[derive(Debug, Clone)]
 pub struct Claimer {
     pool: PgPool,
+    /// How statements are sent (a pooler in transaction mode, or not).
+    pooler: Pooler,
     queues: Option<Vec<String>>,
     batch_size: i64,
     lease_ttl_us: i64,
+    /// Bytes of payload and headers per claim.
+    batch_bytes: i64,
     claim_sql: String,
     tables: Tables,
     /// Whether the database's default isolation is stricter than READ
@@ -291,9 +300,11 @@ impl Claimer {
         };
         Self {
             pool,
+            pooler: Pooler::None,
             queues,
             batch_size: crate::subscriber::DEFAULT_BATCH_SIZE as i64,
             lease_ttl_us: crate::subscriber::DEFAULT_LEASE_TTL.as_micros() as i64,
+            batch_bytes: crate::subscriber::DEFAULT_MAX_BATCH_BYTES as i64,
             claim_sql: sql::claim(
                 tables,
                 scope,
@@ -321,7 +332,33 @@ impl Claimer {
     /// Bytes of payload and headers per claim (at least one row is claimed,
     /// whatever its size).
     pub fn with_batch_bytes(mut self, n: usize) -> Self {
-        self.claim_sql = sql::claim(&self.tables, self.scope, n.min(i64::MAX as usize) as i64);
+        self.batch_bytes = n.min(i64::MAX as usize) as i64;
+        self.claim_sql = self.claim_statement();
+        self
+    }
+
+    /// The claim statement for the scope, the batch bytes and the pooler.
+    fn claim_statement(&self) -> String {
+        if self.pooler.needs_transaction() {
+            sql::claim_through_pooler(&self.tables, self.scope, self.batch_bytes)
+        } else {
+            sql::claim(&self.tables, self.scope, self.batch_bytes)
+        }
+    }
+
+    /// Sends every statement as `pooler` needs it (default [`Pooler::None`]:
+    /// prepared and cached per connection).
+    ///
+    /// ```no_run
+    /// # fn f(pool: sqlx::PgPool) -> Result<(), outbox::Error> {
+    /// use outbox::{claim::Claimer, Pooler, Tables};
+    /// let claimer = Claimer::new(pool, Tables::default(), vec!["orders".into()])?
+    ///     .with_pooler(Pooler::Transaction);
+    /// # Ok(()) }
+    /// ```
+    pub fn with_pooler(mut self, pooler: Pooler) -> Self {
+        self.pooler = pooler;
+        self.claim_sql = self.claim_statement();
         self
     }
 
@@ -335,6 +372,11 @@ impl Claimer {
     pub fn with_lease_ttl(mut self, ttl: Duration) -> Self {
         self.lease_ttl_us = i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX);
         self
+    }
+
+    /// The pooler the statements are sent for.
+    pub(crate) fn pooler(&self) -> Pooler {
+        self.pooler
     }
 
     /// Whether terminal failures go to a dead-letter table (else they are parked).
@@ -438,36 +480,51 @@ impl Claimer {
             .collect::<Result<Vec<_>, sqlx::Error>>()?)
     }
 
-    /// Runs a statement of the claimer and returns its rows: as it is, or,
-    /// when the database's default isolation is stricter than READ COMMITTED
-    /// (`default_transaction_isolation`), in a transaction of its own at READ
-    /// COMMITTED. Claims and settles assume it: under REPEATABLE READ or
-    /// SERIALIZABLE, a claim racing another for the same rows, or an ack
-    /// beside a claim, fails with a serialization error instead of skipping
-    /// or following the other's update.
+    /// Runs a statement of the claimer and returns its rows: as it is, or in
+    /// a transaction of its own when the database's default isolation is
+    /// stricter than READ COMMITTED (`default_transaction_isolation`; the
+    /// transaction is set to READ COMMITTED) or a pooler in transaction mode
+    /// needs one ([`Pooler::Transaction`]). Claims and settles assume READ
+    /// COMMITTED: under REPEATABLE READ or SERIALIZABLE, a claim racing
+    /// another for the same rows, or an ack beside a claim, fails with a
+    /// serialization error instead of skipping or following the other's update.
     async fn fetch(&self, q: Statement<'_>) -> Result<Vec<sqlx::postgres::PgRow>, Error> {
-        if !self.read_committed_needed().await? {
+        let stricter = self.read_committed_needed().await?;
+        if !stricter && !self.pooler.needs_transaction() {
             return Ok(q.fetch_all(&self.pool).await?);
         }
         let mut tx = self.pool.begin().await?;
-        sqlx::query(sql::SET_READ_COMMITTED)
-            .execute(&mut *tx)
+        if stricter {
+            sqlx::query(sql::SET_READ_COMMITTED)
+                .persistent(self.pooler.prepares())
+                .execute(&mut *tx)
+                .await?;
+        }
+        let rows = q
+            .persistent(self.pooler.prepares())
+            .fetch_all(&mut *tx)
             .await?;
-        let rows = q.fetch_all(&mut *tx).await?;
         tx.commit().await?;
         Ok(rows)
     }
 
     /// [`Claimer::fetch`] for a statement without rows.
     async fn execute(&self, q: Statement<'_>) -> Result<sqlx::postgres::PgQueryResult, Error> {
-        if !self.read_committed_needed().await? {
+        let stricter = self.read_committed_needed().await?;
+        if !stricter && !self.pooler.needs_transaction() {
             return Ok(q.execute(&self.pool).await?);
         }
         let mut tx = self.pool.begin().await?;
-        sqlx::query(sql::SET_READ_COMMITTED)
+        if stricter {
+            sqlx::query(sql::SET_READ_COMMITTED)
+                .persistent(self.pooler.prepares())
+                .execute(&mut *tx)
+                .await?;
+        }
+        let done = q
+            .persistent(self.pooler.prepares())
             .execute(&mut *tx)
             .await?;
-        let done = q.execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(done)
     }
@@ -476,9 +533,15 @@ impl Claimer {
     /// COMMITTED by default here; asked once, at the first claim.
     async fn read_committed_needed(&self) -> Result<bool, Error> {
         let pool = &self.pool;
+        let pooler = self.pooler;
         self.stricter_isolation
             .get_or_try_init(|| async move {
-                let level: String = sqlx::query_scalar(sql::ISOLATION).fetch_one(pool).await?;
+                use sqlx::Row;
+                let rows = pooler.fetch_all(pool, sqlx::query(sql::ISOLATION)).await?;
+                let level: String = match rows.first() {
+                    Some(row) => row.try_get(0)?,
+                    None => return Err(Error::from(sqlx::Error::RowNotFound)),
+                };
                 if level != "read committed" {
                     tracing::info!(isolation = %level, "the database's default isolation is not read committed; claims run in a read committed transaction of their own");
                 }
@@ -510,6 +573,11 @@ impl Claimer {
                 positions.len(),
                 ids.len()
             )));
+        }
+        if self.pooler.needs_transaction() {
+            // Binding `tid[]` would make sqlx look the type up with prepared
+            // statements of its own (see `sql::claim_through_pooler`).
+            return self.ack(token, ids).await;
         }
         let done = self
             .execute(

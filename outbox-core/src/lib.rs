@@ -40,6 +40,7 @@ pub mod metrics;
 mod names;
 #[cfg(feature = "capture")]
 mod pgoutput;
+pub mod pooler;
 mod publish;
 pub mod retry;
 mod runtime;
@@ -56,6 +57,7 @@ pub use envelope::{Envelope, Meta};
 pub use error::{ConfigErrors, Error, FailureReason, HandlerError, HandlerErrorKind};
 pub use handler::{Ack, Context, FromContext, Handler, Output, State};
 pub use names::{validate_queue, TableName, MAX_IDENTIFIER_BYTES, MAX_QUEUE_BYTES};
+pub use pooler::Pooler;
 pub use publish::{
     cancel_timer, publish, Message, OnConflict, Outbox, MAX_HEADERS_BYTES, MAX_HEADER_NAME_BYTES,
     MAX_PAYLOAD_BYTES, RESERVED_HEADER_PREFIX,

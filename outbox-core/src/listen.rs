@@ -4,8 +4,7 @@
 //! sleeping workers watch, and workers also poll on a timer. After a reconnect
 //! the counter is bumped too, since notifications sent meanwhile are lost.
 
-use sqlx::postgres::{PgListener, PgPoolOptions};
-use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,14 +17,24 @@ pub(crate) struct Waker {
     pub(crate) connected: Arc<AtomicBool>,
 }
 
+/// Listens with a connection made from `options`; with `None` (a pooler in
+/// transaction mode and no direct connection to listen on) it never listens,
+/// and the workers poll.
 pub(crate) fn spawn(
-    pool: PgPool,
+    options: Option<PgConnectOptions>,
     channel: String,
     mut stop: watch::Receiver<bool>,
 ) -> (Waker, tokio::task::JoinHandle<()>) {
     let (tx, rx) = watch::channel(0u64);
     let connected = Arc::new(AtomicBool::new(false));
     let flag = connected.clone();
+    let Some(options) = options else {
+        let task = tokio::spawn(async move {
+            let _ = stop.wait_for(|s| *s).await;
+            drop(tx);
+        });
+        return (Waker { rx, connected }, task);
+    };
     // A connection of its own, outside the app's pool: LISTEN holds it for
     // good, and in a small pool (one connection, say) every claim would wait
     // for it.
@@ -33,7 +42,7 @@ pub(crate) fn spawn(
         .max_connections(1)
         .min_connections(0)
         .acquire_timeout(Duration::from_secs(10))
-        .connect_lazy_with((*pool.connect_options()).clone());
+        .connect_lazy_with(options);
     let task = tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
         loop {

@@ -17,7 +17,7 @@
 //! # Ok(()) }
 //! ```
 
-use crate::{validate_queue, Capture, Error, Tables};
+use crate::{validate_queue, Capture, Error, Pooler, Tables};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -250,6 +250,7 @@ where
 pub struct Outbox {
     tables: Tables,
     capture: Capture,
+    pooler: Pooler,
 }
 
 impl Outbox {
@@ -258,7 +259,28 @@ impl Outbox {
         Self {
             tables,
             capture: Capture::Table,
+            pooler: Pooler::None,
         }
+    }
+
+    /// Sends the statements as `pooler` needs it. With
+    /// [`Pooler::Transaction`] (PgBouncer in transaction mode) they are not
+    /// prepared, and the executor must be a transaction (`&mut *tx`): a
+    /// statement sent outside a transaction block may be split by the pooler
+    /// across two server connections (see [`crate::pooler`]).
+    ///
+    /// ```
+    /// let ob = outbox::Outbox::default().pooler(outbox::Pooler::Transaction);
+    /// assert_eq!(ob.pooler_in_use(), outbox::Pooler::Transaction);
+    /// ```
+    pub fn pooler(mut self, pooler: Pooler) -> Self {
+        self.pooler = pooler;
+        self
+    }
+
+    /// The pooler the statements are sent for.
+    pub fn pooler_in_use(&self) -> Pooler {
+        self.pooler
     }
 
     /// Where messages are written: rows of the table (the default) or
@@ -319,7 +341,7 @@ impl Outbox {
                 .bind(body)
                 .bind(self.tables.outbox.quoted())
                 .bind(self.tables.outbox.to_string())
-                .persistent(true)
+                .persistent(self.pooler.prepares())
                 .fetch_optional(executor)
                 .await?;
             return match id {
@@ -340,7 +362,7 @@ impl Outbox {
             .bind(msg.at_epoch_us)
             .bind(msg.timer.as_ref().map(|(t, _)| t))
             .bind(self.tables.channel())
-            .persistent(true)
+            .persistent(self.pooler.prepares())
             .fetch_optional(executor)
             .await?;
         Ok(id)
@@ -392,6 +414,7 @@ impl Outbox {
             .bind(bodies)
             .bind(self.tables.outbox.quoted())
             .bind(self.tables.outbox.to_string())
+            .persistent(self.pooler.prepares())
             .fetch_all(executor)
             .await?;
         if ids.len() != n {
@@ -457,6 +480,7 @@ impl Outbox {
             .bind(ats)
             .bind(timers)
             .bind(self.tables.channel())
+            .persistent(self.pooler.prepares())
             .fetch_all(executor)
             .await?;
         Ok(ids)
@@ -476,6 +500,7 @@ impl Outbox {
         let done = sqlx::query(&crate::sql::cancel_timer(&self.tables))
             .bind(queue)
             .bind(timer_id)
+            .persistent(self.pooler.prepares())
             .execute(executor)
             .await?;
         Ok(done.rows_affected() > 0)

@@ -255,20 +255,20 @@ impl SubRuntime {
     }
 
     async fn set_idle(&self, id: Uuid, ttl: Duration) -> bool {
-        sqlx::query(&self.mark_idle_sql)
+        let q = sqlx::query(&self.mark_idle_sql)
             .bind(id)
-            .bind(ttl.as_micros() as i64)
-            .execute(&self.pool)
+            .bind(ttl.as_micros() as i64);
+        self.claimer
+            .pooler()
+            .execute(&self.pool, q)
             .await
             .map_err(|e| tracing::debug!(error = %e, "could not mark idle"))
             .is_ok()
     }
 
     async fn set_busy(&self, id: Uuid) {
-        let _ = sqlx::query(&self.mark_busy_sql)
-            .bind(id)
-            .execute(&self.pool)
-            .await;
+        let q = sqlx::query(&self.mark_busy_sql).bind(id);
+        let _ = self.claimer.pooler().execute(&self.pool, q).await;
     }
 
     fn context(&self) -> Context {

@@ -2,8 +2,8 @@
 //!
 //! Migrations are embedded in the library and run only when asked:
 //! [`migrate`] (or `outbox migrate` on the command line). They are idempotent
-//! and serialised by an advisory lock, so several instances may call them at
-//! start-up.
+//! and serialised by a transaction-scoped advisory lock, so several instances
+//! may call them at start-up, also through PgBouncer in transaction mode.
 
 use crate::{Error, TableName};
 use sqlx::PgPool;
@@ -254,40 +254,52 @@ pub async fn migrate_dlq(pool: &PgPool, dlq: &TableName) -> Result<(), Error> {
     migrate_locked(pool, &[(dlq, "dlq", DLQ_MIGRATIONS)]).await
 }
 
+/// The advisory lock every outbox migration takes.
+const MIGRATION_LOCK: i64 = 7244551220173090001;
+
 /// Applies the migrations of each `(table, kind, migrations)` still missing,
-/// under the one advisory lock of every outbox migration, so that concurrent
-/// start-ups queue up instead of racing for a table or a version row.
+/// each in a transaction of its own that first takes the one advisory lock
+/// of every outbox migration, so that concurrent start-ups queue up instead
+/// of racing for a table or a version row. The lock is transaction-scoped:
+/// it is released by the commit or rollback on the very server connection
+/// that took it, also through a pooler in transaction mode (PgBouncer), where
+/// a session lock stays with whichever server connection took it, held after
+/// the client has gone, and an unlock sent later may reach another one.
+/// For the same reason the statements are not prepared: migrations run
+/// rarely, and so work through any pooler.
 async fn migrate_locked(
     pool: &PgPool,
     targets: &[(&TableName, &str, &[Migration])],
 ) -> Result<(), Error> {
+    use sqlx::Connection;
     let mut conn = pool.acquire().await?;
-    sqlx::query("SELECT pg_advisory_lock(7244551220173090001)")
-        .execute(&mut *conn)
-        .await?;
-    let result = async {
-        sqlx::query(
-            "CREATE TABLE IF NOT EXISTS outbox_migrations (
-                table_name text NOT NULL,
-                kind text NOT NULL,
-                version integer NOT NULL,
-                name text NOT NULL,
-                applied_at timestamptz NOT NULL DEFAULT now(),
-                PRIMARY KEY (table_name, kind, version))",
-        )
-        .execute(&mut *conn)
-        .await?;
-        for (table, kind, migrations) in targets {
-            apply(&mut conn, table, kind, migrations).await?;
-        }
-        Ok::<_, Error>(())
+    let mut tx = conn.begin().await?;
+    lock(&mut tx).await?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS outbox_migrations (
+            table_name text NOT NULL,
+            kind text NOT NULL,
+            version integer NOT NULL,
+            name text NOT NULL,
+            applied_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (table_name, kind, version))",
+    )
+    .persistent(false)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    for (table, kind, migrations) in targets {
+        apply(&mut conn, table, kind, migrations).await?;
     }
-    .await;
-    let unlock = sqlx::query("SELECT pg_advisory_unlock(7244551220173090001)")
-        .execute(&mut *conn)
-        .await;
-    result?;
-    unlock?;
+    Ok(())
+}
+
+async fn lock(conn: &mut sqlx::PgConnection) -> Result<(), Error> {
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(MIGRATION_LOCK)
+        .persistent(false)
+        .execute(conn)
+        .await?;
     Ok(())
 }
 
@@ -299,18 +311,21 @@ async fn apply(
 ) -> Result<(), Error> {
     use sqlx::Connection;
     for m in migrations {
+        let mut tx = conn.begin().await?;
+        lock(&mut tx).await?;
         let done: Option<i32> = sqlx::query_scalar(
             "SELECT version FROM outbox_migrations WHERE table_name = $1 AND kind = $2 AND version = $3",
         )
         .bind(table.to_string())
         .bind(kind)
         .bind(m.version)
-        .fetch_optional(&mut *conn)
+        .persistent(false)
+        .fetch_optional(&mut *tx)
         .await?;
         if done.is_some() {
+            tx.commit().await?;
             continue;
         }
-        let mut tx = conn.begin().await?;
         let err = |source| Error::Migration {
             version: m.version,
             name: m.name,
@@ -327,6 +342,7 @@ async fn apply(
         .bind(kind)
         .bind(m.version)
         .bind(m.name)
+        .persistent(false)
         .execute(&mut *tx)
         .await
         .map_err(err)?;

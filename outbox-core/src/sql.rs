@@ -21,6 +21,16 @@ const RETURNING: &str = "o.id, o.queue, o.payload, o.headers, o.partition_key, o
      greatest(least((date_part('epoch', now()) - date_part('epoch', o.first_attempt_at)) * 1000000, 9.2e18), 0)::int8 AS elapsed_us, \
      o.ctid AS position, o.next_attempt_at AS due";
 
+/// The position column of [`RETURNING`].
+const POSITION_AS_TID: &str = "o.ctid AS position,";
+
+/// The same position as the 6 bytes of the binary `tid` (block number, line
+/// number, big-endian) in a `bytea`: sqlx looks the `tid` type up with
+/// prepared statements of its own, which a pooler in transaction mode cannot
+/// keep, and knows `bytea`.
+const POSITION_AS_BYTES: &str = "substring(int8send((o.ctid::text::point)[0]::int8) FROM 5 FOR 4) \
+     || substring(int4send((o.ctid::text::point)[1]::int4) FROM 3 FOR 2) AS position,";
+
 /// `col` in ms since the Unix epoch, clamped into `int8` (see [`RETURNING`]).
 macro_rules! epoch_ms {
     ($col:literal) => {
@@ -319,6 +329,12 @@ pub(crate) fn claim(t: &Tables, scope: ClaimScope, max_bytes: i64) -> String {
          RETURNING {RETURNING}",
         claimable = claimable("o"),
     )
+}
+
+/// [`claim`] for a pooler in transaction mode: the same statement, with the
+/// positions returned as `bytea` (see [`POSITION_AS_BYTES`]).
+pub(crate) fn claim_through_pooler(t: &Tables, scope: ClaimScope, max_bytes: i64) -> String {
+    claim(t, scope, max_bytes).replacen(POSITION_AS_TID, POSITION_AS_BYTES, 1)
 }
 
 /// A row no live lease holds.
