@@ -1137,6 +1137,79 @@ async fn a_claim_stops_at_its_byte_budget() {
     db.drop_db().await;
 }
 
+/// Point 15: a claim after a full batch starts after the last row claimed
+/// (the cursor) and, when that part is short, claims the rest from the
+/// oldest due row with a second statement. When only that second statement
+/// fails (here a trigger refuses the update of one row due before the
+/// cursor), the rows the first one claimed are handed over, not left
+/// leased until their lease expires.
+#[tokio::test]
+async fn a_failed_second_claim_statement_hands_over_what_the_first_claimed() {
+    let db = setup().await;
+    let pool = &db.pool;
+    for n in 0..10 {
+        Message::json("cursor", &n)
+            .unwrap()
+            .publish(pool)
+            .await
+            .unwrap();
+    }
+    let claimer = Claimer::new(pool.clone(), Tables::default(), vec!["cursor".into()])
+        .unwrap()
+        .with_batch_size(10);
+    let first = claimer.claim().await.unwrap();
+    assert_eq!(first.rows.len(), 10, "a full batch sets the cursor");
+    // Due before the cursor (as another producer may write it), and refused
+    // by a trigger when a claim updates it.
+    let early: i64 = sqlx::query_scalar(
+        "insert into outbox (queue, payload, next_attempt_at) \
+         values ('cursor', '1', now() - interval '1 hour') returning id",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    sqlx::query(&format!(
+        "create function refuse_claim() returns trigger language plpgsql as $$ \
+         begin if new.id = {early} and new.lease_token is not null then \
+         raise exception 'refused by the test'; end if; return new; end $$"
+    ))
+    .execute(pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "create trigger refuse_claim before update on outbox \
+         for each row execute function refuse_claim()",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    let mut later = Vec::new();
+    for n in 10..15 {
+        let id = Message::json("cursor", &n)
+            .unwrap()
+            .publish(pool)
+            .await
+            .unwrap();
+        later.push(id.expect("an id"));
+    }
+
+    let second = claimer
+        .claim()
+        .await
+        .expect("the first statement's rows are handed over");
+    let ids: Vec<i64> = second.rows.iter().map(|e| e.id).collect();
+    assert_eq!(ids, later, "the rows after the cursor");
+    let leased: Vec<i64> =
+        sqlx::query_scalar("select id from outbox where lease_token = $1 order by id")
+            .bind(second.token)
+            .fetch_all(pool)
+            .await
+            .unwrap();
+    assert_eq!(leased, later, "leased to the batch that was handed over");
+    assert_eq!(claimer.ack(second.token, &ids).await.unwrap(), 5, "acked");
+    db.drop_db().await;
+}
+
 /// A sink whose flush never returns (a broker that hangs at shutdown).
 struct HangingFlush;
 
