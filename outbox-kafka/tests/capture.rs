@@ -261,6 +261,47 @@ async fn a_log_publish_no_slot_can_read_yet_is_refused_and_nothing_published_is_
     db.drop_db().await;
 }
 
+/// Publishing in log mode through PgBouncer in transaction mode
+/// (`Pooler::Transaction`, in the caller's transactions): the messages
+/// reach the relay streaming the slot over a direct connection, once each,
+/// in order. Skipped, saying so, when `PGBOUNCER_URL` is empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_mode_publishes_through_pgbouncer_arrive_once_in_order() {
+    let Some(bouncer) = std::env::var("PGBOUNCER_URL")
+        .ok()
+        .filter(|u| !u.trim().is_empty())
+    else {
+        eprintln!("SKIPPED: PGBOUNCER_URL is not set (scripts/test sets it)");
+        return;
+    };
+    let db = migrated("warn").await;
+    let topic = unique_topic("log-bouncer");
+    create_topic(&topic, 1).await;
+    let relay = spawn_relay(log_config(&db, &[]));
+    wait_streaming(&db).await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect(&common::with_database(&bouncer, db.name()))
+        .await
+        .expect("a pool through PgBouncer");
+    let ob = log_outbox().pooler(outbox::Pooler::Transaction);
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        let mut tx = pool.begin().await.unwrap();
+        ids.push(
+            ob.publish(&mut *tx, &topic, &serde_json::json!({ "n": n }))
+                .await
+                .unwrap(),
+        );
+        tx.commit().await.unwrap();
+    }
+    let got = consume_all(&topic, 20, Duration::from_secs(60)).await;
+    assert_eq!(got.iter().map(outbox_id).collect::<Vec<_>>(), ids);
+    pool.close().await;
+    stop_relay(relay).await;
+    db.drop_db().await;
+}
+
 /// The count: 100,000 log-mode messages (1,000 transactions), each
 /// read back from the topic once, in commit order per key. Run alone by
 /// scripts/test (`--ignored --exact`), after the parallel tests.
