@@ -8,9 +8,9 @@ use async_nats::jetstream::{self, Context};
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use futures::future::BoxFuture;
 use outbox::{Outgoing, Sink, SinkError};
+use std::future::IntoFuture;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::future::IntoFuture;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
@@ -197,7 +197,9 @@ async fn connect(config: &BrokerConfig) -> Result<Context, Error> {
         });
     options = match &config.auth {
         Auth::None => options,
-        Auth::UserPassword(user, password) => options.user_and_password(user.clone(), password.clone()),
+        Auth::UserPassword(user, password) => {
+            options.user_and_password(user.clone(), password.clone())
+        }
         Auth::Token(token) => options.token(token.clone()),
         Auth::CredsFile(path) => options.credentials_file(path).await.map_err(|e| {
             Error::Connect(format!(
@@ -212,10 +214,12 @@ async fn connect(config: &BrokerConfig) -> Result<Context, Error> {
         .map(|s| s.parse())
         .collect::<Result<_, _>>()
         .map_err(|e| Error::Connect(format!("a server URL is not valid: {e}")))?;
-    let client = options
-        .connect(servers)
-        .await
-        .map_err(|e| Error::Connect(format!("connecting to {} failed: {e}", config.servers.join(","))))?;
+    let client = options.connect(servers).await.map_err(|e| {
+        Error::Connect(format!(
+            "connecting to {} failed: {e}",
+            config.servers.join(",")
+        ))
+    })?;
     Ok(jetstream::ContextBuilder::new()
         .timeout(config.timeout)
         .max_ack_inflight(MAX_ACKS_IN_FLIGHT)
@@ -250,7 +254,10 @@ fn headers(msg: &Outgoing, msg_id_prefix: &str) -> Result<HeaderMap, SinkError> 
     }
     if let Some(id) = id {
         let id = format!("{msg_id_prefix}{}", String::from_utf8_lossy(id));
-        map.insert(header_name(MSG_ID_HEADER)?, header_value(MSG_ID_HEADER, id.as_bytes())?);
+        map.insert(
+            header_name(MSG_ID_HEADER)?,
+            header_value(MSG_ID_HEADER, id.as_bytes())?,
+        );
     }
     Ok(map)
 }
@@ -326,14 +333,21 @@ mod tests {
             topic: "orders.created".into(),
             key: key.map(<[u8]>::to_vec),
             payload: b"{}".to_vec(),
-            headers: headers.iter().map(|(k, v)| ((*k).to_owned(), v.to_vec())).collect(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.to_vec()))
+                .collect(),
         }
     }
 
     #[test]
     fn headers_carry_the_id_key_and_row_headers() {
         let msg = outgoing(
-            &[("trace", b"abc"), ("Nats-Expected-Stream", b"X"), ("outbox-id", b"42")],
+            &[
+                ("trace", b"abc"),
+                ("Nats-Expected-Stream", b"X"),
+                ("outbox-id", b"42"),
+            ],
             Some(b"k1"),
         );
         let h = headers(&msg, "db1:").unwrap();

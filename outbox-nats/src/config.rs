@@ -185,7 +185,11 @@ impl BrokerConfig {
     }
 
     /// Logs in with a user and a password.
-    pub fn user_and_password(mut self, user: impl Into<String>, password: impl Into<String>) -> Self {
+    pub fn user_and_password(
+        mut self,
+        user: impl Into<String>,
+        password: impl Into<String>,
+    ) -> Self {
         self.auth = Auth::UserPassword(user.into(), password.into());
         self
     }
@@ -247,10 +251,16 @@ impl BrokerConfig {
                 accepted: format!("1ms to {}s", MAX_TIMEOUT.as_secs()),
             });
         }
-        if let Some(c) = self.msg_id_prefix.chars().find(|c| *c == '\r' || *c == '\n') {
+        if let Some(c) = self
+            .msg_id_prefix
+            .chars()
+            .find(|c| *c == '\r' || *c == '\n')
+        {
             return Err(invalid(
                 self.name("msg_id_prefix", "NATS_MSG_ID_PREFIX"),
-                format!("{c:?} cannot be part of a header value (accepted: text without line breaks)"),
+                format!(
+                    "{c:?} cannot be part of a header value (accepted: text without line breaks)"
+                ),
             ));
         }
         if let Auth::CredsFile(path) = &self.auth {
@@ -324,8 +334,18 @@ impl BrokerConfig {
         }
         match (get("NATS_USER"), get("NATS_PASSWORD")) {
             (Some(user), Some(password)) => c.auth = Auth::UserPassword(user, password),
-            (Some(_), None) => return Err(invalid("NATS_PASSWORD", "unset while NATS_USER is set (accepted: both or neither)")),
-            (None, Some(_)) => return Err(invalid("NATS_USER", "unset while NATS_PASSWORD is set (accepted: both or neither)")),
+            (Some(_), None) => {
+                return Err(invalid(
+                    "NATS_PASSWORD",
+                    "unset while NATS_USER is set (accepted: both or neither)",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "NATS_USER",
+                    "unset while NATS_PASSWORD is set (accepted: both or neither)",
+                ))
+            }
             (None, None) => {}
         }
         if let Some(token) = get("NATS_TOKEN") {
@@ -357,7 +377,8 @@ impl BrokerConfig {
 
 /// One server URL: the URL without credentials, and the credentials it held.
 fn parse_server(var: &str, entry: &str) -> Result<(String, Option<Auth>), ConfigError> {
-    const ACCEPTED: &str = "accepted: nats://, tls://, ws:// or wss:// URLs such as nats://127.0.0.1:4222";
+    const ACCEPTED: &str =
+        "accepted: nats://, tls://, ws:// or wss:// URLs such as nats://127.0.0.1:4222";
     // A bare host:port is a nats:// URL, as the NATS tools take it.
     let with_scheme = if entry.contains("://") {
         entry.to_owned()
@@ -374,7 +395,10 @@ fn parse_server(var: &str, entry: &str) -> Result<(String, Option<Auth>), Config
         ));
     }
     if url.host_str().is_none_or(str::is_empty) {
-        return Err(invalid(var, format!("{shown:?} names no host ({ACCEPTED})")));
+        return Err(invalid(
+            var,
+            format!("{shown:?} names no host ({ACCEPTED})"),
+        ));
     }
     if !matches!(url.path(), "" | "/") || url.query().is_some() || url.fragment().is_some() {
         return Err(invalid(
@@ -428,11 +452,13 @@ pub fn parse_duration(var: &str, value: &str) -> Result<Duration, ConfigError> {
         "h" => 3_600_000,
         _ => return Err(err()),
     };
-    let ms = n.checked_mul(ms_per_unit).ok_or_else(|| ConfigError::OutOfRange {
-        var: var.to_owned(),
-        value: value.to_owned(),
-        accepted: format!("1ms to {}s", MAX_TIMEOUT.as_secs()),
-    })?;
+    let ms = n
+        .checked_mul(ms_per_unit)
+        .ok_or_else(|| ConfigError::OutOfRange {
+            var: var.to_owned(),
+            value: value.to_owned(),
+            accepted: format!("1ms to {}s", MAX_TIMEOUT.as_secs()),
+        })?;
     Ok(Duration::from_millis(ms))
 }
 
@@ -442,7 +468,8 @@ mod tests {
 
     #[test]
     fn urls_lose_their_credentials() {
-        let c = BrokerConfig::from_vars([("NATS_URL", "nats://app:s3cr%40t@n1,tls://n2:4443")]).unwrap();
+        let c = BrokerConfig::from_vars([("NATS_URL", "nats://app:s3cr%40t@n1,tls://n2:4443")])
+            .unwrap();
         assert_eq!(c.servers(), ["nats://n1:4222", "tls://n2:4443"]);
         assert!(c.auth == Auth::UserPassword("app".into(), "s3cr@t".into()));
         assert!(!format!("{c:?}").contains("s3cr"));
@@ -455,14 +482,25 @@ mod tests {
 
     #[test]
     fn bad_settings_are_named() {
-        let e = BrokerConfig::from_vars([("NATS_URL", "nats://u:pw@")]).unwrap_err().to_string();
+        let e = BrokerConfig::from_vars([("NATS_URL", "nats://u:pw@")])
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("NATS_URL: "), "{e}");
         assert!(!e.contains("pw"), "{e}");
-        let e = BrokerConfig::from_vars([("NATS_TIMEOUT", "10")]).unwrap_err().to_string();
-        assert!(e.starts_with("NATS_TIMEOUT: \"10\" is not a duration"), "{e}");
-        let e = BrokerConfig::from_vars([("NATS_TIMEOUT", "0s")]).unwrap_err().to_string();
+        let e = BrokerConfig::from_vars([("NATS_TIMEOUT", "10")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("NATS_TIMEOUT: \"10\" is not a duration"),
+            "{e}"
+        );
+        let e = BrokerConfig::from_vars([("NATS_TIMEOUT", "0s")])
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("NATS_TIMEOUT: 0ns is out of range"), "{e}");
-        let e = BrokerConfig::from_vars([("NATS_USER", "u")]).unwrap_err().to_string();
+        let e = BrokerConfig::from_vars([("NATS_USER", "u")])
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("NATS_PASSWORD: unset"), "{e}");
         let e = BrokerConfig::from_vars([("NATS_TOKEN", "t"), ("NATS_CREDS", "/x")])
             .unwrap_err()
@@ -471,7 +509,10 @@ mod tests {
         let e = BrokerConfig::from_vars([("NATS_CREDS", "/nonexistent.creds")])
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("NATS_CREDS: /nonexistent.creds is not a readable file"), "{e}");
+        assert!(
+            e.starts_with("NATS_CREDS: /nonexistent.creds is not a readable file"),
+            "{e}"
+        );
         let e = BrokerConfig::new(",").validate().unwrap_err().to_string();
         assert!(e.starts_with("servers: no server given"), "{e}");
     }

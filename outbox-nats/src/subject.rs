@@ -22,7 +22,10 @@ pub fn check_subject(subject: &str) -> Result<(), String> {
     if subject.is_empty() {
         return Err(format!("the subject is empty ({ACCEPTED})"));
     }
-    if let Some(c) = subject.chars().find(|c| c.is_whitespace() || c.is_control()) {
+    if let Some(c) = subject
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control())
+    {
         return Err(format!(
             "invalid NATS subject {subject:?}: {c:?} is not allowed ({ACCEPTED})"
         ));
@@ -71,5 +74,9 @@ pub async fn ensure_stream(
         .get_or_create_stream(config)
         .await
         .map(|_| ())
-        .map_err(|e| Error::Stream(format!("creating stream {name:?} for {subjects:?} failed: {e}")))
+        .map_err(|e| {
+            Error::Stream(format!(
+                "creating stream {name:?} for {subjects:?} failed: {e}"
+            ))
+        })
 }
