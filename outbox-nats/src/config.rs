@@ -385,7 +385,12 @@ fn parse_server(var: &str, entry: &str) -> Result<(String, Option<Auth>), Config
     } else {
         format!("nats://{entry}")
     };
-    let shown = outbox::logging::redact_url(entry);
+    // As written, unless it may hold a secret (user-info or a query).
+    let shown = if entry.contains(['@', '?']) {
+        outbox::logging::redact_url(entry)
+    } else {
+        entry.to_owned()
+    };
     let mut url = url::Url::parse(&with_scheme)
         .map_err(|e| invalid(var, format!("{shown:?} is not a URL: {e} ({ACCEPTED})")))?;
     if !matches!(url.scheme(), "nats" | "tls" | "ws" | "wss") {
