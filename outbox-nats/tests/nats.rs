@@ -6,7 +6,8 @@
 //! The handlers' subjects are literals, so each test owns a stream of its own
 //! that it deletes and creates afresh: ids start at 1 in every fresh database,
 //! and a stream left over from an earlier run would drop them as duplicates
-//! (`Nats-Msg-Id`) within its duplicate window.
+//! (`Nats-Msg-Id`) within its duplicate window. A file lock per stream keeps a
+//! run in another checkout on the same machine from doing so at the same time.
 //!
 //! The test that stops nats-server is `#[ignore]`d and runs alone:
 //!
@@ -91,7 +92,24 @@ async fn jetstream(url: &str) -> jetstream::Context {
     jetstream::new(client)
 }
 
-/// Deletes the stream `name` if it exists and creates it afresh for `subject`.
+/// Holds a stream for one test: nats-server is shared by every checkout on the
+/// machine, and a run in another checkout would delete the stream under this
+/// one. An exclusive lock on a file named for the stream, released on drop.
+struct StreamLock {
+    _file: std::fs::File,
+}
+
+fn lock_stream(name: &str) -> StreamLock {
+    let path = std::env::temp_dir().join(format!("outbox-nats-test-{name}.lock"));
+    let file = std::fs::File::create(&path)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+    file.lock()
+        .unwrap_or_else(|e| panic!("cannot lock {}: {e}", path.display()));
+    StreamLock { _file: file }
+}
+
+/// Deletes the stream `name` if it exists and creates it afresh for `subject`;
+/// the caller holds [`lock_stream`] for it.
 async fn fresh_stream(js: &jetstream::Context, name: &str, subject: &str) {
     let _ = js.delete_stream(name).await;
     js.create_stream(stream::Config {
@@ -167,6 +185,7 @@ async fn stacked_publisher_forwards_each_row_once_with_its_headers() {
     let Some(url) = nats_url("stacked_publisher_forwards_each_row_once_with_its_headers") else {
         return;
     };
+    let _lock = lock_stream("OUTBOX_TEST_FORWARD");
     let js = jetstream(&url).await;
     fresh_stream(&js, "OUTBOX_TEST_FORWARD", "outbox_test.forward").await;
     let db = db().await;
@@ -260,6 +279,7 @@ async fn kafka_and_nats_publishers_on_one_handler_both_get_each_row() {
     let Some(url) = nats_url("kafka_and_nats_publishers_on_one_handler_both_get_each_row") else {
         return;
     };
+    let _lock = lock_stream("OUTBOX_TEST_STACKED");
     let js = jetstream(&url).await;
     fresh_stream(&js, "OUTBOX_TEST_STACKED", "outbox_test.stacked").await;
     let topic = "outbox_test.nats_stacked";
@@ -321,6 +341,7 @@ async fn a_subject_without_a_stream_is_retried_then_dead_lettered() {
     let Some(url) = nats_url("a_subject_without_a_stream_is_retried_then_dead_lettered") else {
         return;
     };
+    let _lock = lock_stream("OUTBOX_TEST_NOSTREAM");
     let js = jetstream(&url).await;
     let _ = js.delete_stream("OUTBOX_TEST_NOSTREAM").await;
     let db = db().await;
@@ -371,6 +392,7 @@ async fn a_message_over_max_payload_is_permanent_and_the_rest_of_the_batch_goes(
     else {
         return;
     };
+    let _lock = lock_stream("OUTBOX_TEST_LARGE");
     let js = jetstream(&url).await;
     fresh_stream(&js, "OUTBOX_TEST_LARGE", "outbox_test.large").await;
     let broker = broker(&url, Duration::from_secs(5));
@@ -445,6 +467,7 @@ async fn nats_down_sends_fail_within_the_timeout_rows_are_nacked_and_none_is_los
     else {
         return;
     };
+    let _lock = lock_stream("OUTBOX_TEST_DOWN");
     let js = jetstream(&url).await;
     fresh_stream(&js, "OUTBOX_TEST_DOWN", "outbox_test.down").await;
     let db = db().await;
