@@ -45,7 +45,18 @@ PGBOUNCER_CACHE_DIR="${PGBOUNCER_CACHE_DIR:-$OUTBOX_REPO/.cache/pgbouncer}"
 # Server connections per database and role (each test database is a pool of its own).
 PGBOUNCER_POOL_SIZE="${PGBOUNCER_POOL_SIZE:-10}"
 
-export OUTBOX_REPO DATABASE_URL KAFKA_BROKERS PGBOUNCER_URL
+# NATS with JetStream (outbox-nats and its tests; the NATS tests are skipped when
+# NATS_URL is empty). nats-server is built once from its Go module with the
+# machine's Go (`go install`) into $NATS_CACHE_DIR/bin; its JetStream store, log
+# and pid file live there too (git-ignored).
+NATS_HOST="${NATS_HOST:-127.0.0.1}"
+NATS_PORT="${NATS_PORT:-4222}"
+NATS_URL="${NATS_URL-nats://$NATS_HOST:$NATS_PORT}"
+NATS_CACHE_DIR="${NATS_CACHE_DIR:-$OUTBOX_REPO/.cache/nats}"
+NATS_SERVER_VERSION="${NATS_SERVER_VERSION:-v2.15.3}"
+
+export OUTBOX_REPO DATABASE_URL KAFKA_BROKERS PGBOUNCER_URL NATS_URL
+export NATS_HOST NATS_PORT NATS_CACHE_DIR NATS_SERVER_VERSION
 export PG_HOST PG_PORT PG_USER PG_PASSWORD PG_DATABASE PG_MAX_CONNECTIONS PG_MAX_SLOTS
 export PGBOUNCER_HOST PGBOUNCER_PORT PGBOUNCER_CACHE_DIR PGBOUNCER_POOL_SIZE
 export KAFKA_HOST KAFKA_PORT KAFKA_CONTROLLER_PORT KAFKA_CACHE_DIR KAFKA_HEAP_OPTS KAFKA_START_TIMEOUT

@@ -1,4 +1,5 @@
-//! Compile-time behaviour of `#[outbox::subscriber]` and `#[kafka::publisher]`:
+//! Compile-time behaviour of `#[outbox::subscriber]` and the publishers
+//! (`#[kafka::publisher]`, `#[nats::publisher]`):
 //! every error the macros can give has a case in `tests/ui/fail` with the expected
 //! message beside it (`.stderr`), and `tests/ui/pass` holds the shapes that must
 //! compile (and run: each pass case checks what it built in `main`).

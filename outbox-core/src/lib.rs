@@ -117,6 +117,8 @@ impl<T> Keyed<T> {
 pub mod __private {
     pub use futures;
     pub use inventory;
+    /// Stands for a stacked attribute that deferred its expansion.
+    pub use outbox_macros::__outbox_stacked;
     pub use serde;
     pub use serde_json;
 

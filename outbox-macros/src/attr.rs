@@ -1,4 +1,5 @@
-//! Typed arguments of `#[outbox::subscriber(...)]` and `#[kafka::publisher(...)]`.
+//! Typed arguments of `#[outbox::subscriber(...)]` and the publishers
+//! (`#[kafka::publisher(...)]`, `#[nats::publisher(...)]`).
 //!
 //! Parsing is done once, here, into [`SubscriberArgs`] and [`PublisherArgs`];
 //! the expansion works only on those structs. Every error points at the token
@@ -9,6 +10,8 @@ use syn::parse::Parser;
 use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
 use syn::{Expr, ExprLit, Ident, Lit, LitInt, LitStr, Token};
+
+use crate::stack::Broker;
 
 /// The options `#[outbox::subscriber]` accepts, in the order the docs list them.
 const OPTIONS: &[&str] = &[
@@ -68,8 +71,11 @@ pub(crate) struct SubscriberArgs {
     pub(crate) ordered: Option<bool>,
 }
 
-/// The arguments of one `#[kafka::publisher("topic")]`.
+/// The arguments of one `#[kafka::publisher("topic")]` or
+/// `#[nats::publisher("subject")]`.
 pub(crate) struct PublisherArgs {
+    pub(crate) broker: Broker,
+    /// The topic or subject.
     pub(crate) topic: LitStr,
     /// The whole attribute, for errors about the publisher as such.
     pub(crate) span: Span,
@@ -369,31 +375,36 @@ impl SubscriberArgs {
 }
 
 impl PublisherArgs {
-    /// Parses `("topic")`; `attr_span` is the whole attribute.
-    pub(crate) fn parse(tokens: TokenStream, attr_span: Span) -> syn::Result<Self> {
-        const EXAMPLE: &str = "#[kafka::publisher(\"orders.kafka\")]";
+    /// Parses `("topic")` for `broker`; `attr_span` is the whole attribute.
+    pub(crate) fn parse(broker: Broker, tokens: TokenStream, attr_span: Span) -> syn::Result<Self> {
+        let example = broker.example();
+        let attr = broker.attr();
+        let noun = broker.destination();
         let list = parse_list(tokens)?;
         let mut iter = list.iter();
         let first = iter.next().ok_or_else(|| {
-            syn::Error::new(
-                attr_span,
-                format!("#[kafka::publisher] needs a topic, e.g. {EXAMPLE}"),
-            )
+            syn::Error::new(attr_span, format!("{attr} needs a {noun}, e.g. {example}"))
         })?;
         let topic = as_lit_str(first).cloned().ok_or_else(|| {
             syn::Error::new(
                 first.span(),
-                format!("the topic must be a string literal, e.g. {EXAMPLE}"),
+                format!("the {noun} must be a string literal, e.g. {example}"),
             )
         })?;
         if let Some(extra) = iter.next() {
             return Err(syn::Error::new(
                 extra.span(),
-                "#[kafka::publisher] takes one topic and no options; to publish to a second topic, stack another #[kafka::publisher(\"...\")]",
+                format!(
+                    "{attr} takes one {noun} and no options; to publish to a second {noun}, stack another {}::publisher(\"...\")]",
+                    &attr[..attr.len() - "::publisher]".len()]
+                ),
             ));
         }
-        check_topic(&topic.value()).map_err(|msg| syn::Error::new(topic.span(), msg))?;
+        broker
+            .check(&topic.value())
+            .map_err(|msg| syn::Error::new(topic.span(), msg))?;
         Ok(PublisherArgs {
+            broker,
             topic,
             span: attr_span,
         })
@@ -491,6 +502,37 @@ pub(crate) fn check_topic(topic: &str) -> Result<(), String> {
     if topic == "." || topic == ".." {
         return Err(format!(
             "invalid Kafka topic {topic:?}: \".\" and \"..\" are reserved"
+        ));
+    }
+    Ok(())
+}
+
+/// NATS's rule for the subject of a publish: tokens separated by `.`, none of
+/// them empty, no whitespace or control characters, and no wildcards (`*`,
+/// `>`), which only subscriptions may use.
+pub(crate) fn check_subject(subject: &str) -> Result<(), String> {
+    const ACCEPTED: &str = "accepted: tokens of printable characters without spaces, \
+         separated by single dots, such as \"orders.created\"; no wildcards";
+    if subject.is_empty() {
+        return Err(format!("the subject is empty ({ACCEPTED})"));
+    }
+    if let Some(c) = subject
+        .chars()
+        .find(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(format!(
+            "invalid NATS subject {subject:?}: {c:?} is not allowed ({ACCEPTED})"
+        ));
+    }
+    if subject.split('.').any(str::is_empty) {
+        return Err(format!(
+            "invalid NATS subject {subject:?}: empty token (a leading, trailing or doubled '.'; {ACCEPTED})"
+        ));
+    }
+    if let Some(token) = subject.split('.').find(|t| *t == "*" || *t == ">") {
+        return Err(format!(
+            "invalid NATS subject {subject:?}: the wildcard {token:?} matches subjects when subscribing; \
+             a publish names one subject ({ACCEPTED})"
         ));
     }
     Ok(())
@@ -594,6 +636,21 @@ mod tests {
         ] {
             assert!(parse_duration_ms(bad).is_err(), "{bad:?} was accepted");
         }
+    }
+
+    #[test]
+    fn subjects() {
+        assert!(check_subject("orders.created").is_ok());
+        assert!(check_subject("orders").is_ok());
+        assert!(check_subject("a-b_c.9.$x").is_ok());
+        assert!(check_subject("").is_err());
+        assert!(check_subject("a b").is_err());
+        assert!(check_subject("a..b").is_err());
+        assert!(check_subject(".a").is_err());
+        assert!(check_subject("a.").is_err());
+        assert!(check_subject("orders.*").is_err());
+        assert!(check_subject("orders.>").is_err());
+        assert!(check_subject("a\tb").is_err());
     }
 
     #[test]
@@ -1021,7 +1078,7 @@ mod props {
             }
             Err(e) => prop_assert!(!e.to_string().is_empty()),
         }
-        match PublisherArgs::parse(tokens, Span::call_site()) {
+        match PublisherArgs::parse(Broker::Kafka, tokens, Span::call_site()) {
             Ok(p) => prop_assert!(check_topic(&p.topic.value()).is_ok(), "{}", text),
             Err(e) => prop_assert!(!e.to_string().is_empty()),
         }

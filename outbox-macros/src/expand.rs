@@ -1,4 +1,5 @@
-//! Expansion of `#[outbox::subscriber]` and `#[kafka::publisher]`.
+//! Expansion of `#[outbox::subscriber]` and the publishers (`#[kafka::publisher]`,
+//! `#[nats::publisher]`).
 //!
 //! The user's function is emitted exactly as written (minus the sibling
 //! attributes this expansion consumed). Next to it:
@@ -14,33 +15,35 @@
 
 use crate::attr::{Ack, Dlq, Errors, PublisherArgs, SubscriberArgs};
 use crate::signature::{ArgKind, Return, Signature};
-use crate::stack::{self, Kind, Sibling};
+use crate::stack::{self, Broker, Kind, Sibling};
 use proc_macro2::{Span, TokenStream};
 use quote::{format_ident, quote, quote_spanned};
 use syn::ext::IdentExt;
 use syn::spanned::Spanned;
 use syn::ItemFn;
 
-/// The sink every publisher attribute publishes to.
-const SINK: &str = "kafka";
-
-/// Entry point of both attributes: `entry` is the one being expanded.
+/// Entry point of every attribute: `entry` is the one being expanded.
 pub(crate) fn expand(entry: Kind, attr: TokenStream, item: TokenStream) -> TokenStream {
     let mut func: ItemFn = match syn::parse2(item.clone()) {
         Ok(func) => func,
         Err(_) => {
             let msg = match entry {
                 Kind::Subscriber => {
-                    "#[outbox::subscriber] goes on an `async fn`, e.g. #[outbox::subscriber(\"orders\")] async fn handle(order: Order) {}"
+                    "#[outbox::subscriber] goes on an `async fn`, e.g. #[outbox::subscriber(\"orders\")] async fn handle(order: Order) {}".to_owned()
                 }
-                Kind::Publisher => {
-                    "#[kafka::publisher] goes on an `async fn` that also has #[outbox::subscriber(...)]"
-                }
+                Kind::Publisher(broker) => format!(
+                    "{} goes on an `async fn` that also has #[outbox::subscriber(...)]",
+                    broker.attr()
+                ),
             };
             let error = syn::Error::new(Span::call_site(), msg).to_compile_error();
             return quote! { #error #item };
         }
     };
+    if stack::must_defer(&func.attrs) {
+        func.attrs.push(stack::marker(entry, attr));
+        return quote! { #func };
+    }
     let siblings = stack::take_siblings(&mut func.attrs);
     let generated = generate(entry, attr, siblings, &func).unwrap_or_else(|e| e.to_compile_error());
     quote! {
@@ -59,7 +62,7 @@ struct Parsed {
 fn generate(
     entry: Kind,
     attr: TokenStream,
-    siblings: Vec<Sibling>,
+    siblings: (Vec<Sibling>, Vec<Sibling>),
     func: &ItemFn,
 ) -> syn::Result<TokenStream> {
     let parsed = parse_all(entry, attr, siblings, func)?;
@@ -69,17 +72,21 @@ fn generate(
 fn parse_all(
     entry: Kind,
     attr: TokenStream,
-    siblings: Vec<Sibling>,
+    (markers, others): (Vec<Sibling>, Vec<Sibling>),
     func: &ItemFn,
 ) -> syn::Result<Parsed> {
     let mut errors = Errors::default();
-    // The attribute being expanded is the top-most one: it comes first.
-    let all = std::iter::once(Sibling {
-        kind: entry,
-        args: Ok(attr),
-        span: Span::call_site(),
-    })
-    .chain(siblings);
+    // The attributes in the order they were written: the deferred ones above
+    // the attribute being expanded, then it, then those below it.
+    let all = markers
+        .into_iter()
+        .chain(std::iter::once(Sibling {
+            kind: entry,
+            args: Ok(attr),
+            span: Span::call_site(),
+        }))
+        .chain(others);
+    let mut first_publisher = None;
 
     // `Some(None)`: there is a subscriber attribute, but its arguments are wrong.
     let mut subscriber: Option<Option<SubscriberArgs>> = None;
@@ -97,15 +104,24 @@ fn parse_all(
                 let args = errors.take(SubscriberArgs::parse(tokens, attr.span));
                 subscriber = Some(args);
             }
-            Kind::Publisher => {
-                let Some(publisher) = errors.take(PublisherArgs::parse(tokens, attr.span)) else {
+            Kind::Publisher(broker) => {
+                first_publisher.get_or_insert(broker);
+                let Some(publisher) = errors.take(PublisherArgs::parse(broker, tokens, attr.span))
+                else {
                     continue;
                 };
                 let topic = publisher.topic.value();
-                if publishers.iter().any(|p| p.topic.value() == topic) {
+                if publishers
+                    .iter()
+                    .any(|p| p.broker == broker && p.topic.value() == topic)
+                {
                     errors.add(
                         publisher.topic.span(),
-                        format!("this function already publishes to topic {topic:?}"),
+                        format!(
+                            "this function already publishes to {} {} {topic:?}",
+                            broker.sink(),
+                            broker.destination()
+                        ),
                     );
                 } else {
                     publishers.push(publisher);
@@ -116,11 +132,15 @@ fn parse_all(
 
     let Some(args) = subscriber else {
         // Not a handler at all: its signature is not ours to judge.
+        let broker = first_publisher.unwrap_or(Broker::Kafka);
         errors.add(
             Span::call_site(),
-            "#[kafka::publisher] needs #[outbox::subscriber(...)] on the same function: \
-             add e.g. #[outbox::subscriber(\"orders\")] below it, so that the publisher \
-             has rows to forward",
+            format!(
+                "{} needs #[outbox::subscriber(...)] on the same function: \
+                 add e.g. #[outbox::subscriber(\"orders\")] below it, so that the publisher \
+                 has rows to forward",
+                broker.attr()
+            ),
         );
         return Err(errors.into_error());
     };
@@ -156,8 +176,9 @@ fn check_together(
             errors.add(
                 p.span,
                 format!(
-                    "nothing to publish: `{ident}` returns {returns}, so #[kafka::publisher({:?})] has no message to send; \
+                    "nothing to publish: `{ident}` returns {returns}, so #[{}::publisher({:?})] has no message to send; \
                      return the message (a serde::Serialize value, or `Result<T, E>`) or remove the publisher",
+                    p.broker.sink(),
                     p.topic.value()
                 ),
             );
@@ -274,12 +295,13 @@ fn emit(func: &ItemFn, parsed: &Parsed) -> TokenStream {
             let last = publishers.len() - 1;
             let publishes = publishers.iter().enumerate().map(|(i, p)| {
                 let topic = &p.topic;
+                let sink = p.broker.sink();
                 if i == last {
-                    quote! { .publish(#SINK, #topic, __outbox_key, __outbox_payload) }
+                    quote! { .publish(#sink, #topic, __outbox_key, __outbox_payload) }
                 } else {
                     quote! {
                         .publish(
-                            #SINK,
+                            #sink,
                             #topic,
                             ::core::clone::Clone::clone(&__outbox_key),
                             ::core::clone::Clone::clone(&__outbox_payload),
@@ -340,7 +362,8 @@ fn emit(func: &ItemFn, parsed: &Parsed) -> TokenStream {
     }
     for p in publishers {
         let topic = &p.topic;
-        settings.push(quote! { .publisher(#SINK, #topic) });
+        let sink = p.broker.sink();
+        settings.push(quote! { .publisher(#sink, #topic) });
     }
     let file = quote_spanned!(ident.span()=> ::core::file!());
     let line = quote_spanned!(ident.span()=> ::core::line!());
