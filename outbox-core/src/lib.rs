@@ -45,6 +45,7 @@ mod publish;
 pub mod retry;
 mod runtime;
 mod schema;
+pub mod settings;
 mod sink;
 mod sql;
 #[cfg(feature = "capture")]

@@ -1156,32 +1156,18 @@ pub fn parse_number(var: &str, value: &str, min: usize, max: usize) -> Result<us
 /// assert!(outbox_kafka::parse_duration("X", "10").is_err());
 /// ```
 pub fn parse_duration(var: &str, value: &str) -> Result<Duration, ConfigError> {
-    let err = || ConfigError::Duration {
-        var: var.to_owned(),
-        value: value.to_owned(),
-    };
-    let v = value.trim();
-    let split = v.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
-    let (digits, unit) = v.split_at(split);
-    if digits.is_empty() {
-        return Err(err());
-    }
-    let n: u64 = digits.parse().map_err(|_| err())?;
-    let ms_per_unit: u64 = match unit.trim() {
-        "ms" => 1,
-        "s" => 1000,
-        "m" | "min" => 60_000,
-        "h" => 3_600_000,
-        _ => return Err(err()),
-    };
-    let ms = n
-        .checked_mul(ms_per_unit)
-        .ok_or_else(|| ConfigError::OutOfRange {
+    use outbox::settings::DurationError;
+    outbox::settings::parse_duration(value).map_err(|e| match e {
+        DurationError::Invalid => ConfigError::Duration {
+            var: var.to_owned(),
+            value: value.to_owned(),
+        },
+        DurationError::TooLarge => ConfigError::OutOfRange {
             var: var.to_owned(),
             value: value.to_owned(),
             accepted: "at most a few days".to_owned(),
-        })?;
-    Ok(Duration::from_millis(ms))
+        },
+    })
 }
 
 /// `30s`, `1500ms`: a duration as the settings are written.
